@@ -1,0 +1,1 @@
+"""One thin module per client program: arguments in, one library call, an exit code out."""

@@ -1,0 +1,1 @@
+"""The QMQP smart host: the durable queue, the scheduler, local delivery and the servers."""

@@ -1,0 +1,1 @@
+"""One thin module per smart-host program, named after it."""

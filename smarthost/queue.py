@@ -1,0 +1,435 @@
+"""The queue: qmail's layout under ROOT/queue and its crash-safe order (qmail-queue(8), INTERNALS).
+
+This module is the only code that touches ROOT/queue. A message is named by
+the inode number N of its mess file; S = N mod split.
+
+State table (what exists for N)                         meaning, and what start-up does
+  S1  nothing                                            no message
+  S2  mess/S/N                                           injection under way or died: cleaned
+                                                         once its atime is 36 h old (qmail-clean)
+  S3  mess/S/N + intd/N                                  same; intd/N is removed with mess
+  S4  mess/S/N + todo/N (+ intd/N, maybe stale          queued (committed): preprocessed again
+      info/local/remote from a preprocessing that died)
+  S5  mess/S/N + info/S/N + local/S/N|remote/S/N        preprocessed: delivered, then removed
+      (+ bounce/N)                                       in the order channel, bounce, info, mess
+
+Injection order (each step one create, link or unlink):
+  create pid/P (O_EXCL) -> N = its inode; link pid/P -> mess/S/N; unlink pid/P;
+  write Received line + message; fsync mess; create intd/N; write envelope; fsync intd;
+  fsync mess/S/ (so the name survives); link intd/N -> todo/N  (the commit point);
+  fsync todo/ (so the commit survives); poke lock/trigger.
+The directory fsyncs are coalesced across concurrent injectors (group commit).
+A crash before the todo link leaves S2/S3, which nothing else reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator
+
+from miniqmail import envelope
+from miniqmail.datefmt import date822
+from miniqmail.exitcodes import QQ
+from smarthost.errors import PermanentError, TemporaryError
+
+SPLIT_DEFAULT = 23
+CHUNK = 65536
+
+
+class QueueError(TemporaryError):
+    """Trouble with the queue directory; `exit_code` is qmail-queue's code for it."""
+
+
+class DirSync:
+    """fsync one directory, coalescing concurrent callers: one fsync covers every
+    change made before it started."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._done < mine:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                target = self._requested
+                self._cond.release()
+                try:
+                    fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._done = max(self._done, target)
+
+
+@dataclass(frozen=True)
+class Injected:
+    """What an injection returns: the queue id, and the pid that stands as qmail-queue's (qp)."""
+
+    id: int
+    qp: int
+
+
+def received_line(invoked: str, pid: int | None = None, when: float | None = None) -> bytes:
+    """qmail-queue's own Received line: `Received: (qmail P invoked by uid U); DATE`."""
+    pid = os.getpid() if pid is None else pid
+    return f"Received: (qmail {pid} {invoked}); {date822(when)}\n".encode()
+
+
+def invoked_by_uid(uid: int | None = None) -> str:
+    return f"invoked by uid {os.getuid() if uid is None else uid}"
+
+
+def _check_address(addr: str) -> bytes:
+    raw = addr.encode("utf-8", "surrogateescape")
+    if len(raw) > envelope.ADDRESS_MAX:
+        raise PermanentError("address too long", exit_code=QQ.ADDRESS_TOO_LONG, status="5.1.3")
+    if b"\0" in raw or b"\n" in raw or b"\r" in raw:
+        # qmail-queue would take these and let them reach a header or an SMTP
+        # dialogue; refusing is the only safe answer.
+        raise PermanentError("address contains NUL, CR or LF",
+                             exit_code=QQ.PERM_REFUSED, status="5.1.3")
+    return raw
+
+
+class Queue:
+    """One queue directory with qmail's layout."""
+
+    def __init__(self, path: str, split: int = SPLIT_DEFAULT):
+        self.path = path
+        self.split = split
+        self._dirsyncs: dict[str, DirSync] = {}
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    # -- layout ------------------------------------------------------------
+    def sub(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def split_path(self, kind: str, n: int) -> str:
+        return os.path.join(self.path, kind, str(n % self.split), str(n))
+
+    def flat_path(self, kind: str, n: int) -> str:
+        return os.path.join(self.path, kind, str(n))
+
+    def mess(self, n: int) -> str:
+        return self.split_path("mess", n)
+
+    def info(self, n: int) -> str:
+        return self.split_path("info", n)
+
+    def channel(self, chan: str, n: int) -> str:
+        return self.split_path(chan, n)
+
+    def todo(self, n: int) -> str:
+        return self.flat_path("todo", n)
+
+    def intd(self, n: int) -> str:
+        return self.flat_path("intd", n)
+
+    def bounce(self, n: int) -> str:
+        return self.flat_path("bounce", n)
+
+    @property
+    def trigger(self) -> str:
+        return self.sub("lock", "trigger")
+
+    def create(self) -> None:
+        """Make the layout (idempotent): qmail's directories, split dirs, trigger fifo, locks."""
+        os.makedirs(self.path, mode=0o750, exist_ok=True)
+        for d in ("pid", "intd", "todo", "bounce", "lock"):
+            os.makedirs(self.sub(d), mode=0o700, exist_ok=True)
+        for d in ("mess", "info", "local", "remote"):
+            for s in range(self.split):
+                os.makedirs(self.sub(d, str(s)), mode=0o700, exist_ok=True)
+        if not os.path.exists(self.trigger):
+            os.mkfifo(self.trigger, 0o622)
+        for name in ("sendmutex",):
+            p = self.sub("lock", name)
+            if not os.path.exists(p):
+                os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+
+    def check(self) -> None:
+        """Refuse to work on something that is not a queue (qmail-queue exit 62)."""
+        if not os.path.isdir(self.sub("todo")) or not os.path.isdir(self.sub("mess", "0")):
+            raise QueueError(f"{self.path} is not a queue (run smarthost init)", exit_code=QQ.QUEUE)
+
+    def _dirsync(self, path: str) -> None:
+        ds = self._dirsyncs.get(path)
+        if ds is None:
+            with self._lock:
+                ds = self._dirsyncs.setdefault(path, DirSync(path))
+        ds.sync()
+
+    # -- injection -----------------------------------------------------------
+    def inject(self, message: BinaryIO | bytes, sender: str, recipients: Iterable[str], *,
+               received: bytes | None = None, uid: int | None = None,
+               qp: int | None = None, trigger: bool = True) -> Injected:
+        """Queue one message durably; return when it is committed (todo/N fsynced).
+
+        `message` is streamed from its current position. `received` replaces the
+        default `Received: (qmail P invoked by uid U)` line (b"" for none).
+        Raises PermanentError (exit 11/31) for bad addresses and QueueError with
+        qmail-queue's exit code for trouble with the queue; nothing stays visible then.
+        """
+        sender_raw = _check_address(sender)
+        rcpt_raw = [_check_address(r) for r in recipients]
+        draft = self.draft()
+        try:
+            draft.write(received_line(invoked_by_uid(uid), draft.qp if qp is None else qp)
+                        if received is None else received)
+            draft.write_from(message)
+            return draft.commit_raw(sender_raw, rcpt_raw, uid=uid, qp=qp, trigger=trigger)
+        finally:
+            draft.close()
+
+    def draft(self) -> "Draft":
+        """Start an injection whose envelope is known only after the message (qmail-queue's order)."""
+        return Draft(self)
+
+    def _new_mess(self) -> tuple[int, str, int]:
+        """Create mess/S/N; return N, its path and a descriptor holding an exclusive flock."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        pid_path = self.sub("pid", f"{os.getpid()}.{threading.get_ident()}.{int(time.time())}.{seq}")
+        try:
+            fd = os.open(pid_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError as e:
+            code = QQ.QUEUE if e.errno == errno.ENOENT else QQ.PID
+            raise QueueError(f"unable to create {pid_path}: {e.strerror}", exit_code=code) from None
+        try:
+            # Locked before it gets its name in mess/: cleanup() skips what is locked.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            n = os.fstat(fd).st_ino
+            mess_path = self.mess(n)
+            try:
+                os.link(pid_path, mess_path)
+            except OSError as e:
+                raise QueueError(f"unable to link mess/{n % self.split}/{n}: {e.strerror}",
+                                 exit_code=QQ.MESS) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            try:
+                os.unlink(pid_path)
+            except OSError:
+                pass
+        return n, mess_path, fd
+
+    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes]) -> str:
+        path = self.intd(n)
+        data = bytearray(b"u%d\0p%d\0F" % (os.getuid() if uid is None else uid, qp))
+        data += sender + b"\0"
+        for r in rcpts:
+            data += b"T" + r + b"\0"
+        for attempt in (1, 2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                break
+            except FileExistsError:
+                # Our mess/S/N holds inode N, so an intd/N without todo/N is a
+                # leftover of a dead injection of an earlier N: remove it.
+                if attempt == 2 or os.path.exists(self.todo(n)):
+                    raise QueueError(f"intd/{n} already exists", exit_code=QQ.INTD) from None
+                os.unlink(path)
+            except OSError as e:
+                raise QueueError(f"unable to create intd/{n}: {e.strerror}", exit_code=QQ.INTD) from None
+        try:
+            _write_all(fd, bytes(data))
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise QueueError(f"unable to write intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
+        os.close(fd)
+        return path
+
+    def poke(self) -> None:
+        """Wake the scheduler: one byte into lock/trigger, ignoring every error."""
+        try:
+            fd = os.open(self.trigger, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            os.write(fd, b"\0")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    # -- scanning -----------------------------------------------------------
+    def _numbers(self, directory: str) -> Iterator[int]:
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.isdigit():
+                yield int(name)
+
+    def todo_ids(self) -> list[int]:
+        return sorted(self._numbers(self.sub("todo")))
+
+    def info_ids(self) -> list[int]:
+        out: list[int] = []
+        for s in range(self.split):
+            out.extend(self._numbers(self.sub("info", str(s))))
+        return sorted(out)
+
+    def mess_ids(self) -> list[int]:
+        out: list[int] = []
+        for s in range(self.split):
+            out.extend(self._numbers(self.sub("mess", str(s))))
+        return sorted(out)
+
+    def cleanup(self, now: float | None = None, age: float = 0) -> list[int]:
+        """qmail-clean's sweep: remove what injections that died left behind.
+
+        A mess/S/N with neither todo/N nor info/N never committed. An injector
+        holds an flock on its mess file until the commit, so a mess file we can
+        lock that still has no todo/N and no info/N is a leftover: it goes, with
+        its intd/N. `age` spares files younger than that many seconds (qmail
+        waits 36 h; the lock makes waiting unnecessary). Stale pid/ files go too.
+        Returns the removed ids.
+        """
+        now = time.time() if now is None else now
+        removed = []
+        for n in self.mess_ids():
+            path = self.mess(n)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # an injection is under way
+                if os.path.exists(self.todo(n)) or os.path.exists(self.info(n)):
+                    continue
+                if now - os.fstat(fd).st_mtime < age:
+                    continue
+                for p in (self.intd(n), path):
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
+                removed.append(n)
+            finally:
+                os.close(fd)
+        for name in os.listdir(self.sub("pid")):
+            p = self.sub("pid", name)
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if now - os.fstat(fd).st_mtime >= age:
+                    os.unlink(p)
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            finally:
+                os.close(fd)
+        return removed
+
+
+class Draft:
+    """One injection under way: the message is written first, the envelope commits it.
+
+    Until commit() the entry is invisible to the scheduler; close() without
+    commit removes it.
+    """
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.id, self.path, self._fd = queue._new_mess()
+        self.qp = os.getpid()
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        try:
+            _write_all(self._fd, data)
+        except OSError as e:
+            raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
+
+    def write_from(self, message: BinaryIO | bytes) -> None:
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            self.write(bytes(message))
+            return
+        while True:
+            try:
+                chunk = message.read(CHUNK)
+            except OSError as e:
+                raise QueueError(f"unable to read message: {e.strerror}", exit_code=QQ.READ) from None
+            if not chunk:
+                return
+            self.write(chunk)
+
+    def commit(self, sender: str, recipients: Iterable[str], **kw) -> Injected:
+        return self.commit_raw(_check_address(sender), [_check_address(r) for r in recipients], **kw)
+
+    def commit_raw(self, sender: bytes, rcpts: list[bytes], *, uid: int | None = None,
+                   qp: int | None = None, trigger: bool = True) -> Injected:
+        q, n = self.queue, self.id
+        qp = self.qp if qp is None else qp
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
+        intd_path = q._write_intd(n, uid, qp, sender, rcpts)
+        try:
+            q._dirsync(os.path.dirname(self.path))
+            os.link(intd_path, q.todo(n))
+        except OSError as e:
+            try:
+                os.unlink(intd_path)
+            except OSError:
+                pass
+            raise QueueError(f"unable to link todo/{n}: {e.strerror}", exit_code=QQ.TODO) from None
+        self._done = True
+        self.close()
+        q._dirsync(q.sub("todo"))
+        if trigger:
+            q.poke()
+        return Injected(n, qp)
+
+    def close(self) -> None:
+        """Release the entry; without a commit, remove it."""
+        if self._fd < 0:
+            return
+        if not self._done:
+            for p in (self.queue.intd(self.id), self.path):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        os.close(self._fd)  # releases the lock that kept cleanup() away
+        self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

@@ -1,0 +1,123 @@
+"""Shared fixtures: a fresh user-mode smart-host root, program runners and a running daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def program(name: str) -> str:
+    return str(BIN / name)
+
+
+@pytest.fixture
+def root(tmp_path):
+    from smarthost.init import init
+
+    return init(str(tmp_path / "root"), me="mx.test.invalid")
+
+
+def queue_with_program(root, message: bytes, env_bytes: bytes | None, extra_env=None):
+    """Run qmail-queue with `message` on fd 0 and `env_bytes` on fd 1 (None: fd 1 closed)."""
+    env = dict(os.environ, SMARTHOST_ROOT=root.path, **(extra_env or {}))
+    if env_bytes is None:
+        return subprocess.run([program("qmail-queue")], input=message, stdout=subprocess.DEVNULL,
+                              env=env, timeout=30, preexec_fn=lambda: os.close(1)).returncode
+    rfd, wfd = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(wfd, env_bytes), os.close(wfd)))
+    writer.start()
+    try:
+        return subprocess.run([program("qmail-queue")], input=message, stdout=rfd, env=env,
+                              timeout=30).returncode
+    finally:
+        os.close(rfd)
+        writer.join()
+
+
+class Daemon:
+    """`smarthost run` as a real child process, its log collected line by line."""
+
+    def __init__(self, root, extra_args=()):
+        self.root = root
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        self.proc = subprocess.Popen(
+            [program("smarthost"), "run", "--root", root.path, *extra_args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, SMARTHOST_ROOT=root.path))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cv:
+                self.lines.append(line.rstrip("\n"))
+                self._cv.notify_all()
+
+    def wait_log(self, pred, timeout=20.0) -> str:
+        """Wait for a log line satisfying `pred` (a substring or a function)."""
+        test = (lambda s: pred in s) if isinstance(pred, str) else pred
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for line in self.lines:
+                    if test(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line matching {pred!r}; log:\n" + "\n".join(self.lines[-40:]))
+                self._cv.wait(left)
+
+    def count(self, pred) -> int:
+        with self._cv:
+            return sum(1 for line in self.lines if pred in line)
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(root):
+    started: list[Daemon] = []
+
+    def start(extra_args=()):
+        d = Daemon(root, extra_args)
+        started.append(d)
+        d.wait_log("status: local 0/")
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def wait_files(directory, count=1, timeout=20.0) -> list[str]:
+    """Wait until `directory` holds at least `count` files; return their paths, sorted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        if len(names) >= count:
+            return [os.path.join(directory, n) for n in names]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{directory} holds {len(names)} files, wanted {count}")
+        time.sleep(0.02)

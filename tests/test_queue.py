@@ -1,0 +1,197 @@
+"""The queue: qmail's layout, the injection order, recovery from a crash at each step, qmail-queue."""
+
+import io
+import os
+import re
+import signal
+
+import pytest
+
+from miniqmail import envelope
+from miniqmail.exitcodes import QQ
+from smarthost.errors import PermanentError
+from smarthost.queue import Queue, QueueError
+from tests.conftest import queue_with_program
+
+
+@pytest.fixture
+def q(tmp_path):
+    queue = Queue(str(tmp_path / "queue"))
+    queue.create()
+    return queue
+
+
+def test_layout_is_qmails(q):
+    for d in ("pid", "intd", "todo", "bounce", "lock"):
+        assert os.path.isdir(q.sub(d))
+    for d in ("mess", "info", "local", "remote"):
+        assert sorted(os.listdir(q.sub(d)), key=int) == [str(i) for i in range(23)]
+    assert os.path.exists(q.sub("lock", "sendmutex"))
+    import stat
+    assert stat.S_ISFIFO(os.stat(q.trigger).st_mode)
+
+
+def test_inject_writes_mess_and_todo_named_by_inode(q):
+    done = q.inject(io.BytesIO(b"Subject: hi\n\nbody\n"), "a@b.example", ["c@d.example", "e@f"])
+    n = done.id
+    assert os.stat(q.mess(n)).st_ino == n
+    assert q.mess(n).endswith(f"mess/{n % 23}/{n}")
+    mess = open(q.mess(n), "rb").read()
+    assert re.match(rb"Received: \(qmail \d+ invoked by uid \d+\); \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d -0000\n"
+                    rb"Subject: hi\n\nbody\n$", mess)
+    todo = open(q.todo(n), "rb").read()
+    assert todo == b"u%d\0p%d\0Fa@b.example\0Tc@d.example\0Te@f\0" % (os.getuid(), done.qp)
+    assert q.todo_ids() == [n]
+    assert os.listdir(q.sub("pid")) == []
+
+
+def test_trigger_is_poked(q):
+    fd = os.open(q.trigger, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        q.inject(b"x\n", "", ["a@b"])
+        assert os.read(fd, 10) == b"\0"
+    finally:
+        os.close(fd)
+
+
+def test_bad_addresses_are_permanent_and_leave_nothing(q):
+    with pytest.raises(PermanentError) as e:
+        q.inject(b"x\n", "a@b", ["x" * 2000])
+    assert e.value.exit_code == QQ.ADDRESS_TOO_LONG
+    with pytest.raises(PermanentError) as e:
+        q.inject(b"x\n", "a@b", ["evil@b\nRCPT TO:<x@y>"])
+    assert e.value.exit_code == QQ.PERM_REFUSED
+    assert q.mess_ids() == [] and q.todo_ids() == []
+
+
+class Broken(io.RawIOBase):
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        raise OSError(5, "Input/output error")
+
+
+def test_read_error_mid_message_leaves_nothing(q):
+    with pytest.raises(QueueError) as e:
+        q.inject(Broken(), "a@b", ["c@d"])
+    assert e.value.exit_code == QQ.READ
+    assert q.mess_ids() == [] and q.todo_ids() == [] and os.listdir(q.sub("intd")) == []
+
+
+def _die_in_child(fn):
+    """Run fn in a forked child that then dies by SIGKILL, as a crash would."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+
+
+@pytest.mark.parametrize("step", ["mess", "intd", "before-link"])
+def test_crash_before_commit_is_invisible_and_cleaned(q, step):
+    def crash():
+        d = q.draft()
+        d.write(b"Subject: half\n")
+        if step == "mess":
+            return
+        n = d.id
+        q._write_intd(n, 0, 1, b"a@b", [b"c@d"])
+        if step == "intd":
+            return
+        os.fsync(d._fd)
+
+    _die_in_child(crash)
+    assert q.todo_ids() == []          # nothing the scheduler would read
+    assert len(q.mess_ids()) == 1      # but a leftover
+    removed = q.cleanup()
+    assert len(removed) == 1
+    assert q.mess_ids() == [] and os.listdir(q.sub("intd")) == []
+
+
+def test_cleanup_spares_an_injection_under_way(q):
+    d = q.draft()
+    try:
+        d.write(b"Subject: in progress\n")
+        assert q.cleanup() == []
+        assert q.mess_ids() == [d.id]
+        d.commit("a@b", ["c@d"])
+    finally:
+        d.close()
+    assert q.cleanup() == []
+    assert q.todo_ids() == [d.id]
+
+
+def test_committed_message_survives_a_crash_right_after(q):
+    def crash():
+        q.inject(b"Subject: kept\n", "a@b", ["c@d"])
+
+    _die_in_child(crash)
+    assert len(q.todo_ids()) == 1
+    assert q.cleanup() == []
+
+
+def test_many_concurrent_injections_get_distinct_ids(q):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as ex:
+        ids = list(ex.map(lambda i: q.inject(b"m %d\n" % i, "a@b", ["c@d"]).id, range(200)))
+    assert len(set(ids)) == 200
+    assert q.todo_ids() == sorted(ids)
+
+
+# -- the qmail-queue program ---------------------------------------------------------------
+
+def test_qmail_queue_program_queues(root):
+    code = queue_with_program(root, b"Subject: prog\n\nhello\n", envelope.encode("s@x", ["r@y"]))
+    assert code == 0
+    q = Queue(root.queue_dir)
+    [n] = q.todo_ids()
+    assert open(q.todo(n), "rb").read().endswith(b"Fs@x\0Tr@y\0")
+    assert open(q.mess(n), "rb").read().endswith(b"\nSubject: prog\n\nhello\n")
+
+
+def test_qmail_queue_large_message_before_envelope(root):
+    # The message is read first: a caller writing 5 MB before the envelope must not deadlock.
+    body = b"Subject: big\n\n" + (b"x" * 99 + b"\n") * 50000
+    assert queue_with_program(root, body, envelope.encode("s@x", ["r@y"])) == 0
+
+
+@pytest.mark.parametrize("env_bytes,code", [
+    (b"Fs@x\0Tr@y\0", QQ.ENVELOPE),             # EOF before the final NUL
+    (b"Xs@x\0\0", QQ.ENVELOPE),                 # not F first
+    (b"Fs@x\0Qr@y\0\0", QQ.ENVELOPE),           # not T after
+    (b"Fs@x\0T" + b"r" * 1100 + b"\0\0", QQ.ADDRESS_TOO_LONG),
+    (b"Fs@x\0Tr@y\nDATA\0\0", QQ.PERM_REFUSED),  # a newline in an address
+    (None, QQ.READ),                             # no fd 1 at all
+])
+def test_qmail_queue_refuses_broken_envelopes(root, env_bytes, code):
+    assert queue_with_program(root, b"Subject: x\n\n", env_bytes) == code
+    q = Queue(root.queue_dir)
+    assert q.todo_ids() == [] and q.mess_ids() == []
+
+
+def test_qmail_queue_without_a_queue_is_62(tmp_path):
+    class R:
+        path = str(tmp_path)
+    assert queue_with_program(R, b"x\n", envelope.encode("a", ["b"])) == QQ.QUEUE
+
+
+def test_qmail_queue_full_disk_is_temporary(root):
+    # /dev/full answers every write with ENOSPC; a queue whose mess files land
+    # there is what a full disk looks like to qmail-queue.
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    q = Queue(root.queue_dir)
+    d = q.draft()
+    try:
+        os.dup2(os.open("/dev/full", os.O_WRONLY), d._fd)
+        with pytest.raises(QueueError) as e:
+            d.write(b"x" * 100000)
+        assert e.value.exit_code == QQ.WRITE
+    finally:
+        d.close()
+    assert q.todo_ids() == [] and q.mess_ids() == []
