@@ -1,0 +1,197 @@
+"""Maildir delivery and creation, after maildir(5), maildirmake(1) and qmail-local.c.
+
+A message is delivered when its name appears in `new/`. The order that makes a
+crash at any instant harmless: create `tmp/NAME` exclusively, write, fsync and
+close (checking both: NFS reports write errors at close), link into `new/NAME`,
+unlink `tmp/NAME`, fsync `new/` so the link itself survives a crash (qmail and
+CPython's mailbox.py skip that last step). Any failure removes the tmp file and
+raises MaildirError: the caller defers and nothing half-written is ever seen.
+
+Names are `<seconds>.M<usec>P<pid>Q<n>.<host>` (the modern form on
+cr.yp.to/proto/maildir.html); `n` counts deliveries in this process, so one
+process never reuses a name even within a microsecond.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import stat
+import time
+from typing import BinaryIO
+
+CHUNK = 64 * 1024
+CREATE_TRIES = 3
+
+_counter = itertools.count(1)
+
+# link(2) refused because the filesystem has no hard links: rename instead.
+_NO_LINK = {errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+# fsync(2) on a directory that the filesystem cannot sync: nothing more to do.
+_NO_DIRSYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+
+
+class MaildirError(OSError):
+    """Delivery into a Maildir failed; nothing was left behind, try again later."""
+
+    def __init__(self, message: str, path: str, err: OSError | None = None):
+        super().__init__(message)
+        self.message = message
+        self.filename = path
+        if err is not None:
+            self.errno = err.errno
+            self.strerror = err.strerror
+
+    def __str__(self) -> str:
+        return self.message  # OSError's own format would put "[Errno N]" first
+
+
+class MaildirMissing(MaildirError):
+    """The Maildir itself cannot be entered (qmail-local: "Unable to chdir to maildir")."""
+
+
+class MaildirReadError(MaildirError):
+    """The message being delivered could not be read."""
+
+
+def _why(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def _host() -> str:
+    host = socket.gethostname() or "localhost"
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+def unique_name() -> str:
+    """A fresh Maildir file name: `<seconds>.M<usec>P<pid>Q<n>.<host>`."""
+    sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_host()}"
+
+
+def make(path: str, mode: int = 0o700) -> None:
+    """Create a Maildir (dir, tmp, new, cur) like maildirmake: fail if `path` exists."""
+    os.mkdir(path, mode)
+    for sub in ("tmp", "new", "cur"):
+        os.mkdir(os.path.join(path, sub), mode)
+
+
+def _check_dir(maildir: str) -> None:
+    try:
+        st = os.stat(maildir)
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise MaildirMissing(f"maildir not found: {maildir}: {_why(e)}", maildir, e) from None
+    except OSError as e:
+        raise MaildirError(f"unable to stat maildir {maildir}: {_why(e)}", maildir, e) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MaildirMissing(f"maildir not found: {maildir}: not a directory", maildir)
+
+
+def _create_tmp(maildir: str) -> tuple[str, str, int]:
+    for attempt in range(CREATE_TRIES):
+        name = unique_name()
+        tmp = os.path.join(maildir, "tmp", name)
+        try:
+            return name, tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError as e:
+            # Names are unique per process; a clash means a stale file or a clock step back.
+            if attempt == CREATE_TRIES - 1:
+                raise MaildirError(f"unable to create a unique name in {maildir}/tmp", tmp, e) from None
+        except OSError as e:
+            raise MaildirError(f"unable to create {tmp}: {_why(e)}", tmp, e) from None
+    raise AssertionError("unreachable")
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy(fd: int, tmp: str, source: BinaryIO, prefix: bytes) -> None:
+    try:
+        if prefix:
+            _write_all(fd, prefix)
+        while True:
+            try:
+                chunk = source.read(CHUNK)
+            except OSError as e:
+                raise MaildirReadError(f"unable to read message: {_why(e)}", tmp, e) from None
+            if not chunk:
+                break
+            _write_all(fd, chunk)
+        os.fsync(fd)
+    except MaildirError:
+        raise
+    except OSError as e:
+        raise MaildirError(f"unable to write {tmp}: {_why(e)}", tmp, e) from None
+
+
+def _publish(tmp: str, new: str) -> None:
+    try:
+        os.link(tmp, new)
+    except OSError as e:
+        if e.errno not in _NO_LINK:
+            raise MaildirError(f"unable to link {tmp} to {new}: {_why(e)}", new, e) from None
+        try:
+            os.rename(tmp, new)
+        except OSError as e2:
+            raise MaildirError(f"unable to rename {tmp} to {new}: {_why(e2)}", new, e2) from None
+        return
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass  # the message is already in new/; a stray tmp file is swept after 36 hours
+
+
+def _sync_dir(path: str, new: str) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        if e.errno in _NO_DIRSYNC:
+            return
+        # Not known to be durable: withdraw it so the deferral does not become a duplicate.
+        try:
+            os.unlink(new)
+        except OSError:
+            pass
+        raise MaildirError(f"unable to sync {path}: {_why(e)}", path, e) from None
+
+
+def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
+    """Write `prefix` then `source` (from its current position) into `maildir`; return NAME.
+
+    The message is streamed in CHUNK-sized pieces, never held whole. Raises
+    MaildirError (an OSError) on any failure, with no file left in tmp/ or new/.
+    """
+    _check_dir(maildir)
+    name, tmp, fd = _create_tmp(maildir)
+    new = os.path.join(maildir, "new", name)
+    try:
+        try:
+            _copy(fd, tmp, source, prefix)
+        except BaseException:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            raise
+        try:
+            os.close(fd)
+        except OSError as e:
+            raise MaildirError(f"unable to write {tmp}: {_why(e)}", tmp, e) from None
+        _publish(tmp, new)
+        _sync_dir(os.path.join(maildir, "new"), new)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return name
