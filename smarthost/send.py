@@ -1,0 +1,441 @@
+"""qmail-send: the scheduler. Preprocesses todo/, runs deliveries, retries, bounces.
+
+One asyncio task owns all scheduling state; file work that fsyncs runs in
+worker threads, local deliveries in children of the spawner (smarthost.lspawn),
+remote deliveries through one pluggable coroutine. Log lines follow qmail-log(5).
+
+Signals: the trigger fifo and SIGALRM make everything due now (ALRM) or
+rescan todo/ (trigger); SIGHUP rereads control files; SIGTERM finishes
+the deliveries under way and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Awaitable, Callable, TextIO
+
+from smarthost import schedule
+from smarthost.bounce import BounceConfig, compose_head, decide
+from smarthost.chain import Chain
+from smarthost.logfmt import safe
+from smarthost.queue import Queue, received_line
+from smarthost.rewrite import Routing
+from smarthost.root import Root
+from smarthost.sendqueue import Message, SendQueue, TodoError
+
+#: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
+SCAN_INTERVAL = 1500
+#: retry after a system error (qmail: 123 s).
+SYSTEM_RETRY = 123
+#: messages preprocessed without fsync are made durable within this many seconds.
+DURABLE_DELAY = 0.5
+LIFETIME_TEXT = "I'm not going to try again; this message has been in the queue too long."
+
+RemoteDelivery = Callable[[Message, str, str], Awaitable[tuple[str, str]]]
+
+
+async def remote_unavailable(msg: Message, recipient: str, messpath: str) -> tuple[str, str]:
+    """The remote channel until a relay is configured: defer, keep the message."""
+    return "Z", "Remote delivery is not configured on this host yet; the message stays queued. (#4.3.0)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    routing: Routing
+    concurrency: dict
+    lifetime: int
+    bounce: BounceConfig
+
+    @classmethod
+    def from_root(cls, root: Root) -> "Settings":
+        ctl = root.control
+        me = ctl.line("me")
+        return cls(
+            routing=Routing.from_control(ctl),
+            concurrency={"local": ctl.number("concurrencylocal", 10),
+                         "remote": ctl.number("concurrencyremote", 20)},
+            lifetime=ctl.number("queuelifetime", schedule.LIFETIME_DEFAULT),
+            bounce=BounceConfig(
+                bouncefrom=ctl.line("bouncefrom") or "MAILER-DAEMON",
+                bouncehost=ctl.line("bouncehost") or me or "bouncehost",
+                doublebounceto=ctl.line("doublebounceto") or "postmaster",
+                doublebouncehost=ctl.line("doublebouncehost") or me or "doublebouncehost"))
+
+
+class Log:
+    """One line per event on a text stream, optionally stamped with the unix time."""
+
+    def __init__(self, out: TextIO, timestamps: bool = False):
+        self.out = out
+        self.timestamps = timestamps
+
+    def __call__(self, line: str) -> None:
+        if self.timestamps:
+            line = f"{time.time():.6f} {line}"
+        try:
+            self.out.write(line + "\n")
+        except (OSError, ValueError):
+            pass
+
+    def flush(self) -> None:
+        try:
+            self.out.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class LocalSpawner:
+    """The scheduler's end of the pipes to smarthost.lspawn."""
+
+    def __init__(self, root: Root):
+        self.root = root
+        self.proc: asyncio.subprocess.Process | None = None
+        self.waiting: dict[int, asyncio.Future] = {}
+        self._ids = 0
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "smarthost.lspawn", self.root.path,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        hello = await self.proc.stdout.readexactly(1)
+        if hello != b"+":
+            raise RuntimeError("local delivery spawner did not start")
+        asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc
+        while True:
+            try:
+                did = await self.proc.stdout.readuntil(b"\0")
+                report = await self.proc.stdout.readuntil(b"\0")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                break
+            fut = self.waiting.pop(int(did[:-1]), None)
+            if fut and not fut.done():
+                fut.set_result(report[:-1].decode("utf-8", "surrogateescape"))
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_result("ZLocal delivery spawner died. (#4.3.0)")
+        self.waiting.clear()
+
+    async def deliver(self, messid: int, sender: str, recipient: str) -> tuple[str, str]:
+        assert self.proc and self.proc.stdin
+        self._ids += 1
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[self._ids] = fut
+        self.proc.stdin.write(b"%d\0%d\0%s\0%s\0" % (
+            self._ids, messid, sender.encode("utf-8", "surrogateescape"),
+            recipient.encode("utf-8", "surrogateescape")))
+        report = await fut
+        return report[:1] or "Z", report[1:]
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.stdin:
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+
+
+class Scheduler:
+    def __init__(self, root: Root, log: Log, remote: RemoteDelivery = remote_unavailable):
+        self.root = root
+        self.log = log
+        self.queue = Queue(root.queue_dir)
+        self.sq = SendQueue(self.queue)
+        self.settings = Settings.from_root(root)
+        self.remote = remote
+        self.local = LocalSpawner(root)
+        self.messages: dict[int, Message] = {}
+        self.due: list[tuple[float, int, str]] = []           # heap of (when, id, channel)
+        self.ready: dict[str, deque] = {"local": deque(), "remote": deque()}
+        self.running = {"local": 0, "remote": 0}
+        self.passes: dict[tuple[int, str], tuple[float, bool]] = {}  # (id, chan) -> (next retry, expired)
+        self.not_durable: list[Message] = []
+        self.delivery_no = 0
+        self.wake = asyncio.Event()
+        self.synced = asyncio.Event()
+        self.scan_wanted = True
+        self.stopping = False
+        self.tasks: set[asyncio.Task] = set()
+
+    # -- helpers ---------------------------------------------------------------
+    def status(self) -> None:
+        c = self.settings.concurrency
+        tail = " exitasap" if self.stopping else ""
+        self.log(f"status: local {self.running['local']}/{c['local']} "
+                 f"remote {self.running['remote']}/{c['remote']}{tail}")
+
+    def spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    # -- start-up --------------------------------------------------------------
+    def load_existing(self) -> None:
+        """Start: every preprocessed message comes back, due at its channel files' mtimes."""
+        self.queue.cleanup()
+        todo = set(self.queue.todo_ids())
+        for n in self.queue.info_ids():
+            if n in todo:
+                continue
+            msg = self.sq.load(n)
+            if msg is None:
+                continue
+            self.messages[n] = msg
+            if not msg.channels:
+                self.spawn(self.finish(msg))
+            for chan, ch in msg.channels.items():
+                heapq.heappush(self.due, (ch.retry, n, chan))
+
+    # -- todo --------------------------------------------------------------------
+    def _preprocess_batch(self, ids: list[int], routing: Routing) -> list[tuple[int, Message | str]]:
+        out: list[tuple[int, Message | str]] = []
+        for n in ids:
+            try:
+                out.append((n, self.sq.preprocess(n, routing, sync=False)))
+            except (TodoError, OSError) as e:
+                out.append((n, str(e)))
+        return out
+
+    async def scan_todo(self) -> None:
+        ids = [n for n in self.queue.todo_ids() if n not in self.messages]
+        if not ids:
+            return
+        routing = self.settings.routing
+        results = await asyncio.to_thread(self._preprocess_batch, ids, routing)
+        now = time.time()
+        for n, res in results:
+            if isinstance(res, str):
+                self.log(f"warning: trouble with todo/{n}: {safe(res)}; will try again later")
+                continue
+            msg = res
+            self.messages[n] = msg
+            self.log(f"new msg {n}")
+            self.log(f"info msg {n}: bytes {msg.size} from <{safe(msg.sender)}> qp {msg.qp} uid {msg.uid}")
+            self.not_durable.append(msg)
+            if not msg.channels:
+                self.spawn(self.finish(msg))
+            for chan in msg.channels:
+                heapq.heappush(self.due, (now, n, chan))
+        if self.not_durable:
+            self.spawn(self.make_durable())
+
+    async def make_durable(self) -> None:
+        """Messages still queued a moment after preprocessing get qmail's fsyncs; todo/N goes.
+
+        Never for a message being finished: finish() removes todo/N itself, and
+        once its mess file is gone the number N may belong to a new message.
+        """
+        await asyncio.sleep(DURABLE_DELAY)
+        batch = [m for m in self.not_durable if m.todo and not m.finishing]
+        self.not_durable = []
+        if not batch:
+            return
+        for m in batch:
+            m.syncing = True
+        try:
+            await asyncio.to_thread(lambda: [self.sq.sync_and_remove_todo(m) for m in batch])
+        except OSError as e:
+            self.log(f"warning: trouble syncing preprocessed messages: {safe(str(e))}")
+        finally:
+            for m in batch:
+                m.syncing = False
+            self.synced.set()
+            self.synced.clear()
+
+    # -- passes and deliveries ------------------------------------------------
+    def start_due(self, now: float) -> None:
+        while self.due and self.due[0][0] <= now and not self.stopping:
+            _, n, chan = heapq.heappop(self.due)
+            msg = self.messages.get(n)
+            ch = msg.channels.get(chan) if msg else None
+            if ch is None or (n, chan) in self.passes:
+                continue
+            expired = schedule.expired(msg.birth, now, self.settings.lifetime)
+            self.passes[(n, chan)] = (schedule.next_retry(msg.birth, now, chan), expired)
+            ch.pass_deferred = False
+            for offset, addr in list(ch.pending):
+                self.ready[chan].append((msg, chan, offset, addr))
+            ch.busy = len(ch.pending)
+        for chan in ("local", "remote"):
+            limit = self.settings.concurrency[chan]
+            while self.ready[chan] and self.running[chan] < limit and not self.stopping:
+                msg, chan_, offset, addr = self.ready[chan].popleft()
+                self.running[chan] += 1
+                self.delivery_no += 1
+                self.spawn(self.run_delivery(self.delivery_no, msg, chan, offset, addr))
+
+    async def run_delivery(self, d: int, msg: Message, chan: str, offset: int, addr: str) -> None:
+        self.log(f"starting delivery {d}: msg {msg.id} to {chan} {safe(addr)}")
+        self.status()
+        try:
+            if chan == "local":
+                letter, text = await self.local.deliver(msg.id, msg.sender, addr)
+            else:
+                letter, text = await self.remote(msg, addr, self.queue.mess(msg.id))
+        except Exception as e:  # a delivery's edge: defer, keep the message
+            letter, text = "Z", f"Delivery trouble: {type(e).__name__}. (#4.3.0)"
+        self.running[chan] -= 1
+        next_retry, expired = self.passes.get((msg.id, chan), (0.0, False))
+        if letter not in "KZD" or not letter:
+            letter, text = "Z", "Report mangled, will defer. (#4.3.0)"
+        if letter == "Z" and expired:
+            letter, text = "D", text.rstrip("\n") + "\n" + LIFETIME_TEXT
+        ch = msg.channels[chan]
+        kind = {"K": "success", "Z": "deferral", "D": "failure"}[letter]
+        self.log(f"delivery {d}: {kind}: {safe(text)}")
+        try:
+            if letter in "KD":
+                if letter == "D":
+                    self.sq.add_bounce(msg.id, self.settings.routing.unprepend(addr), text)
+                self.sq.mark_done(chan, msg.id, offset)
+                ch.pending = [p for p in ch.pending if p[0] != offset]
+            else:
+                ch.pass_deferred = True
+        except OSError as e:
+            self.log(f"warning: trouble marking msg {msg.id}: {safe(e.strerror or str(e))}; will retry")
+            ch.pass_deferred = True
+        ch.busy -= 1
+        self.status()
+        if ch.busy == 0:
+            self.end_pass(msg, chan, next_retry)
+        self.poke()
+
+    def end_pass(self, msg: Message, chan: str, next_retry: float) -> None:
+        self.passes.pop((msg.id, chan), None)
+        ch = msg.channels[chan]
+        if ch.pending:
+            ch.retry = next_retry
+            self.sq.set_retry(chan, msg.id, next_retry)
+            heapq.heappush(self.due, (next_retry, msg.id, chan))
+            return
+        del msg.channels[chan]
+        if not msg.channels:
+            self.spawn(self.finish(msg))
+        else:
+            self.sq.remove_channel(chan, msg.id)
+
+    async def finish(self, msg: Message) -> None:
+        """Both channels done: send the bounce if any, then remove the message."""
+        msg.finishing = True
+        while msg.syncing:
+            await self.synced.wait()
+        records = self.sq.read_bounce(msg.id)
+        if records is not None:
+            plan = decide(msg.sender, self.settings.bounce)
+            if plan is None:
+                self.log(f"triple bounce: discarding bounce/{msg.id}")
+            else:
+                try:
+                    qp = await asyncio.to_thread(self.inject_bounce, msg, plan, records)
+                except Exception as e:
+                    self.log(f"warning: unable to inject bounce message for msg {msg.id}: "
+                             f"{safe(str(e))}; will try again later")
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(SYSTEM_RETRY, lambda: self.spawn(self.finish(msg)))
+                    return
+                self.log(f"bounce msg {msg.id} qp {qp}")
+        await asyncio.to_thread(self.sq.finish, msg.id)
+        self.messages.pop(msg.id, None)
+        self.log(f"end msg {msg.id}")
+        if os.path.exists(self.queue.todo(msg.id)):
+            # The number was free for a moment and a new message took it; a scan
+            # that ran meanwhile skipped it as ours.
+            self.scan_wanted = True
+            self.poke()
+
+    def inject_bounce(self, msg: Message, plan, records: bytes) -> int:
+        head = compose_head(plan, msg.sender, records, self.settings.bounce)
+        with open(self.queue.mess(msg.id), "rb") as body:
+            done = self.queue.inject(Chain(head, body), plan.sender, [plan.recipient],
+                                     received=received_line("for bounce"), trigger=True)
+        return done.qp
+
+    # -- signals -----------------------------------------------------------------
+    def on_alarm(self) -> None:
+        now = time.time()
+        self.due = [(min(w, now), n, c) for (w, n, c) in self.due]
+        heapq.heapify(self.due)
+        self.poke()
+
+    def on_hup(self) -> None:
+        try:
+            self.settings = Settings.from_root(self.root)
+        except OSError as e:
+            self.log(f"alert: unable to reread controls: {safe(str(e))}")
+        self.poke()
+
+    def on_term(self) -> None:
+        self.stopping = True
+        self.poke()
+
+    def on_trigger(self, fd: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.scan_wanted = True
+        self.poke()
+
+    # -- main loop -----------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.local.start()
+        trigger_fd = os.open(self.queue.trigger, os.O_RDWR | os.O_NONBLOCK)
+        loop.add_reader(trigger_fd, self.on_trigger, trigger_fd)
+        for sig, fn in ((signal.SIGALRM, self.on_alarm), (signal.SIGHUP, self.on_hup),
+                        (signal.SIGTERM, self.on_term), (signal.SIGINT, self.on_term)):
+            loop.add_signal_handler(sig, fn)
+        self.load_existing()
+        self.status()
+        last_scan = 0.0
+        try:
+            while True:
+                now = time.time()
+                if self.stopping:
+                    if not any(self.running.values()):
+                        break
+                elif self.scan_wanted or now - last_scan >= SCAN_INTERVAL:
+                    self.scan_wanted = False
+                    last_scan = now
+                    await self.scan_todo()
+                    now = time.time()
+                self.start_due(now)
+                self.log.flush()
+                delay = SCAN_INTERVAL
+                if self.due:
+                    delay = max(0.0, min(delay, self.due[0][0] - now))
+                self.wake.clear()
+                if self.scan_wanted and not self.stopping:
+                    continue
+                try:
+                    await asyncio.wait_for(self.wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            loop.remove_reader(trigger_fd)
+            os.close(trigger_fd)
+            for t in list(self.tasks):
+                if not t.done():
+                    try:
+                        await asyncio.wait_for(t, 30)
+                    except (asyncio.TimeoutError, Exception):
+                        pass
+            # Retry times are already on disk (set at the end of every pass).
+            await self.local.stop()
+            self.status()
+            self.log("status: exiting")
+            self.log.flush()
