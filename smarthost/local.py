@@ -25,7 +25,6 @@ import io
 import os
 import stat
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -293,6 +292,8 @@ def _message_fd(message: BinaryIO) -> Iterator[int]:
         fd = message.fileno()
         os.lseek(fd, 0, os.SEEK_CUR)
     except (AttributeError, io.UnsupportedOperation, OSError):
+        import tempfile  # rare path; random's reseed-at-fork hook would tax every delivery
+
         with tempfile.TemporaryFile() as spool:
             while chunk := message.read(SPOOL_CHUNK):
                 spool.write(chunk)
