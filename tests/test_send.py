@@ -216,3 +216,43 @@ def test_messages_queued_while_down_are_delivered_at_start(root, daemon):
         q.inject(msg(f"early {i}"), "s@x", [f"example@{ME}"])
     daemon()
     wait_files(os.path.join(home(root), "Maildir", "new"), 5)
+
+
+def test_retry_time_is_on_the_schedule(root, daemon):
+    dotqmail(root, "later", "|exit 111\n")
+    d = daemon()
+    q = Queue(root.queue_dir)
+    n = q.inject(msg("later"), "s@x", [f"example-later@{ME}"]).id
+    d.wait_log("delivery 1: deferral")
+    d.wait_log(lambda s: s.startswith("status: local 0/"))
+    time.sleep(0.2)
+    birth = os.stat(q.info(n)).st_mtime
+    # the first local pass starts at age ~0: the next one is due at birth + 10^2
+    assert abs(os.stat(q.channel("local", n)).st_mtime - (birth + 100)) < 2
+
+
+def test_queuelifetime_turns_the_last_deferral_into_a_bounce(root, daemon):
+    with open(os.path.join(root.control_dir, "queuelifetime"), "w") as f:
+        f.write("0\n")
+    maildir(os.path.join(home(root), "bounces"))
+    dotqmail(root, "bounces", "./bounces/\n")
+    d = daemon()
+    time.sleep(1.1)  # birth and the first pass must differ by a second for "older than 0 s"
+    q = Queue(root.queue_dir)
+    q.inject(msg("old"), f"example-bounces@{ME}", ["far@remote.example"])
+    d.wait_log("delivery 1: failure: Remote_delivery_is_not_configured")
+    [path] = wait_files(os.path.join(home(root), "bounces", "new"))
+    text = open(path, "rb").read().decode()
+    assert "<far@remote.example>:" in text and "in the queue too long" in text
+
+
+def test_term_finishes_deliveries_under_way(root, daemon):
+    dotqmail(root, "slow", "|sleep 1; cat > slow.out\n")
+    d = daemon()
+    Queue(root.queue_dir).inject(msg("slow"), "s@x", [f"example-slow@{ME}"])
+    d.wait_log("starting delivery 1")
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(30) == 0
+    assert any("delivery 1: success" in s for s in d.lines)
+    assert d.lines[-1] == "status: exiting"
+    assert os.path.exists(os.path.join(home(root), "slow.out"))
