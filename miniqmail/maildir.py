@@ -110,18 +110,45 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def _sendfile(fd: int, source: BinaryIO) -> bool:
+    """Copy the rest of `source` with sendfile(2): no buffers, no copies through
+    Python. False (nothing written) when the source is not a plain file."""
+    try:
+        src = source.fileno()
+        pos = source.tell()
+        end = os.fstat(src).st_size
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not stat.S_ISREG(os.fstat(src).st_mode):
+        return False
+    offset = pos
+    while offset < end:
+        try:
+            sent = os.sendfile(fd, src, offset, end - offset)
+        except OSError as e:
+            if offset == pos and e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return False
+            raise
+        if sent == 0:
+            break
+        offset += sent
+    source.seek(offset)
+    return True
+
+
 def _copy(fd: int, tmp: str, source: BinaryIO, prefix: bytes) -> None:
     try:
         if prefix:
             _write_all(fd, prefix)
-        while True:
-            try:
-                chunk = source.read(CHUNK)
-            except OSError as e:
-                raise MaildirReadError(f"unable to read message: {_why(e)}", tmp, e) from None
-            if not chunk:
-                break
-            _write_all(fd, chunk)
+        if not _sendfile(fd, source):
+            while True:
+                try:
+                    chunk = source.read(CHUNK)
+                except OSError as e:
+                    raise MaildirReadError(f"unable to read message: {_why(e)}", tmp, e) from None
+                if not chunk:
+                    break
+                _write_all(fd, chunk)
         os.fsync(fd)
     except MaildirError:
         raise

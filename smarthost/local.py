@@ -24,7 +24,6 @@ import errno
 import io
 import os
 import stat
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -242,22 +241,35 @@ class _Delivery:
     def _program(self, command: str) -> bool:
         """Run one `|command`; True when it exited 99 (stop processing later lines)."""
         self._rewind()
+        # posix_spawn, not subprocess: subprocess brings threading, whose at-fork
+        # hook would tax every delivery child the spawner forks.
         try:
-            proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=self.fd,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env=self.env, close_fds=True, umask=0o077)
+            rfd, wfd = os.pipe()
+        except OSError as e:
+            raise TemporaryError(f"Unable to run /bin/sh: {_why(e)}. (#4.3.0)") from None
+        old_umask = os.umask(0o077)
+        try:
+            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", command], self.env, file_actions=[
+                (os.POSIX_SPAWN_DUP2, self.fd, 0),
+                (os.POSIX_SPAWN_DUP2, wfd, 1),
+                (os.POSIX_SPAWN_DUP2, wfd, 2)])
         except (OSError, ValueError) as e:
+            os.close(rfd)
             reason = _why(e) if isinstance(e, OSError) else str(e)
             raise TemporaryError(f"Unable to run /bin/sh: {reason}. (#4.3.0)") from None
-        assert proc.stdout is not None
-        with proc.stdout:
-            out = proc.stdout.fileno()
-            while chunk := os.read(out, SPOOL_CHUNK):
+        finally:
+            os.umask(old_umask)
+            os.close(wfd)
+        try:
+            while chunk := os.read(rfd, SPOOL_CHUNK):
                 # Keep the start of the output; drain the rest so the program never blocks.
                 room = OUTPUT_MAX - len(self.output)
                 if room > 0:
                     self.output += chunk[:room]
-        status = proc.wait()
+        finally:
+            os.close(rfd)
+        _, wstatus = os.waitpid(pid, 0)
+        status = os.waitstatus_to_exitcode(wstatus)
         if status < 0:
             raise TemporaryError("Aack, child crashed. (#4.3.0)")
         if status in HARD_EXITS:

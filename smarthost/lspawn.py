@@ -114,6 +114,7 @@ class Spawner:
     def serve(self, cmd_in: int, out: int) -> None:
         # Children would otherwise copy every page the collector touches: keep
         # what is loaded now out of its sight, and let children skip it entirely.
+        users.preload(self.root.path)
         gc.collect()
         gc.freeze()
         sel = selectors.DefaultSelector()

@@ -24,10 +24,10 @@ A crash before the todo link leaves S2/S3, which nothing else reads.
 
 from __future__ import annotations
 
+import _thread
 import errno
 import fcntl
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
@@ -46,37 +46,35 @@ class QueueError(TemporaryError):
 
 
 class DirSync:
-    """fsync one directory, coalescing concurrent callers: one fsync covers every
-    change made before it started."""
+    """fsync one directory, coalescing concurrent callers (group commit): a caller
+    whose change an fsync already covered returns without one of its own.
+
+    Built on _thread, not threading: the delivery spawner imports this module,
+    and threading's at-fork hook would cost every delivery child.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        self._cond = threading.Condition()
+        self._mutex = _thread.allocate_lock()   # guards the counters
+        self._turn = _thread.allocate_lock()    # one fsync at a time
         self._requested = 0
         self._done = 0
-        self._running = False
 
     def sync(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._requested += 1
             mine = self._requested
-            while self._done < mine:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True
+        with self._turn:
+            with self._mutex:
+                if self._done >= mine:
+                    return  # an fsync that started after our change has finished
                 target = self._requested
-                self._cond.release()
-                try:
-                    fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._cond.notify_all()
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with self._mutex:
                 self._done = max(self._done, target)
 
 
@@ -117,7 +115,7 @@ class Queue:
         self.path = path
         self.split = split
         self._dirsyncs: dict[str, DirSync] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._seq = 0
 
     # -- layout ------------------------------------------------------------
@@ -210,7 +208,7 @@ class Queue:
         with self._lock:
             self._seq += 1
             seq = self._seq
-        pid_path = self.sub("pid", f"{os.getpid()}.{threading.get_ident()}.{int(time.time())}.{seq}")
+        pid_path = self.sub("pid", f"{os.getpid()}.{_thread.get_ident()}.{int(time.time())}.{seq}")
         try:
             fd = os.open(pid_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except OSError as e:

@@ -70,22 +70,29 @@ class Settings:
 
 
 class Log:
-    """One line per event on a text stream, optionally stamped with the unix time."""
+    """One line per event, optionally stamped with the unix time; buffered here and
+    written once per turn of the scheduler's loop (never per line, whatever
+    PYTHONUNBUFFERED says)."""
 
     def __init__(self, out: TextIO, timestamps: bool = False):
         self.out = out
         self.timestamps = timestamps
+        self._lines: list[str] = []
 
     def __call__(self, line: str) -> None:
         if self.timestamps:
             line = f"{time.time():.6f} {line}"
-        try:
-            self.out.write(line + "\n")
-        except (OSError, ValueError):
-            pass
+        self._lines.append(line)
+        if len(self._lines) >= 1000:
+            self.flush()
 
     def flush(self) -> None:
+        if not self._lines:
+            return
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
         try:
+            self.out.write(text)
             self.out.flush()
         except (OSError, ValueError):
             pass
@@ -301,6 +308,7 @@ class Scheduler:
             if letter in "KD":
                 if letter == "D":
                     self.sq.add_bounce(msg.id, self.settings.routing.unprepend(addr), text)
+                    msg.bounce = True
                 self.sq.mark_done(chan, msg.id, offset)
                 ch.pending = [p for p in ch.pending if p[0] != offset]
             else:
@@ -323,17 +331,16 @@ class Scheduler:
             heapq.heappush(self.due, (next_retry, msg.id, chan))
             return
         del msg.channels[chan]
+        self.sq.remove_channel(chan, msg.id)
         if not msg.channels:
             self.spawn(self.finish(msg))
-        else:
-            self.sq.remove_channel(chan, msg.id)
 
     async def finish(self, msg: Message) -> None:
         """Both channels done: send the bounce if any, then remove the message."""
         msg.finishing = True
         while msg.syncing:
             await self.synced.wait()
-        records = self.sq.read_bounce(msg.id)
+        records = self.sq.read_bounce(msg.id) if msg.bounce else None
         if records is not None:
             plan = decide(msg.sender, self.settings.bounce)
             if plan is None:
@@ -348,7 +355,7 @@ class Scheduler:
                     loop.call_later(SYSTEM_RETRY, lambda: self.spawn(self.finish(msg)))
                     return
                 self.log(f"bounce msg {msg.id} qp {qp}")
-        self.sq.finish(msg.id)  # a few unlinks
+        self.sq.finish(msg)  # a few unlinks
         self.messages.pop(msg.id, None)
         self.log(f"end msg {msg.id}")
         if os.path.exists(self.queue.todo(msg.id)):

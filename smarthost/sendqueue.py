@@ -50,6 +50,7 @@ class Message:
     uid: int = 0
     channels: dict[str, Channel] = field(default_factory=dict)
     todo: bool = False      # todo/N still exists (files not yet made durable)
+    bounce: bool = False    # bounce/N holds failure records
     syncing: bool = False   # a worker thread is making its files durable
     finishing: bool = False
 
@@ -98,11 +99,19 @@ class SendQueue:
             size = os.stat(q.mess(n)).st_size
         except FileNotFoundError:
             raise TodoError("mess file missing") from None
-        for p in (q.info(n), q.channel("local", n), q.channel("remote", n)):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        # Preprocessing again after a crash starts from scratch. Channel and
+        # bounce files are always removed before info/N, so without an info/N
+        # there is nothing else to remove (one syscall in the usual case).
+        try:
+            os.unlink(q.info(n))
+        except FileNotFoundError:
+            pass
+        else:
+            for p in (q.channel("local", n), q.channel("remote", n), q.bounce(n)):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
         fds = []
         try:
             fd = os.open(q.info(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -172,7 +181,7 @@ class SendQueue:
             size = os.stat(q.mess(n)).st_size
         except FileNotFoundError:
             size = 0
-        msg = Message(n, birth, sender, size)
+        msg = Message(n, birth, sender, size, bounce=os.path.exists(q.bounce(n)))
         for chan in CHANNELS:
             path = q.channel(chan, n)
             try:
@@ -233,11 +242,19 @@ class SendQueue:
         except FileNotFoundError:
             return None
 
-    def finish(self, n: int) -> None:
-        """The message is done: remove todo, bounce, info, then intd and mess (qmail-clean)."""
-        q = self.q
-        for p in (q.todo(n), q.bounce(n), q.channel("local", n), q.channel("remote", n),
-                  q.info(n), q.intd(n), q.mess(n)):
+    def finish(self, msg: Message) -> None:
+        """The message is done: remove todo, bounce, channel files, info, then intd and mess.
+
+        That order matters: once mess/S/N is gone the number N is free for a new
+        message, and nothing of N may be left to be mistaken for its.
+        """
+        q, n = self.q, msg.id
+        paths = [q.todo(n), q.intd(n)] if msg.todo else []
+        if msg.bounce:
+            paths.append(q.bounce(n))
+        paths += [q.channel(c, n) for c in msg.channels]
+        paths += [q.info(n), q.mess(n)]
+        for p in paths:
             try:
                 os.unlink(p)
             except FileNotFoundError:

@@ -154,32 +154,64 @@ def _entry(data: bytes, path: str) -> UserEntry:
     return UserEntry(_text(user), int(uid), int(gid), _text(home), _text(dash), _text(ext))
 
 
+_OPEN: dict[str, tuple[tuple[int, int, int, float], cdb.Reader]] = {}
+
+
+def _reader(path: str) -> cdb.Reader | None:
+    """users/cdb, opened once and kept while the file is unchanged (qmail-newu
+    renames a new one into place, so a new inode or mtime means reopen).
+
+    The delivery spawner opens it before forking, so children only stat it.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _OPEN.pop(path, None)
+        return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+    cached = _OPEN.get(path)
+    if cached and cached[0] == key:
+        return cached[1]
+    reader = cdb.Reader(path)
+    if cached:
+        cached[1].close()
+    _OPEN[path] = (key, reader)
+    return reader
+
+
+def preload(root_path: str) -> None:
+    """Open users/cdb now if it exists (errors are left for the lookup to report)."""
+    try:
+        _reader(os.path.join(root_path, "users", "cdb"))
+    except (OSError, cdb.CdbError):
+        pass
+
+
 def lookup(users_cdb_path: str, local: str) -> UserEntry | None:
     """qmail-lspawn's users/cdb lookup; None if there is no users/cdb or nothing matches."""
     try:
-        reader = cdb.Reader(users_cdb_path)
-    except FileNotFoundError:
-        return None
+        reader = _reader(users_cdb_path)
     except (OSError, cdb.CdbError) as e:
         raise UsersError(f"trouble reading {users_cdb_path}: {getattr(e, 'strerror', None) or e}") from None
+    if reader is None:
+        return None
     raw = _raw(local)
     lower = b"!" + raw.lower() + b"\0"
     try:
-        with reader:
-            wild = reader.get(b"")
-            if wild is None:  # qmail-lspawn: QLX_CDB
-                raise UsersError(f"trouble reading {users_cdb_path}: no \"\" key; rerun qmail-newu")
-            data = reader.get(lower)  # the exact key, NUL included
+        wild = reader.get(b"")
+        if wild is None:  # qmail-lspawn: QLX_CDB
+            raise UsersError(f"trouble reading {users_cdb_path}: no \"\" key; rerun qmail-newu")
+        data = reader.get(lower)  # the exact key, NUL included
+        if data is not None:
+            return _entry(data, users_cdb_path)
+        # Then `!` + every prefix, longest first; `!` alone always, the others
+        # only if some `+` line ends in the same character.
+        for i in range(len(lower) - 1, 0, -1):
+            if i > 1 and lower[i - 1] not in wild:
+                continue
+            data = reader.get(lower[:i])
             if data is not None:
-                return _entry(data, users_cdb_path)
-            # Then `!` + every prefix, longest first; `!` alone always, the others
-            # only if some `+` line ends in the same character.
-            for i in range(len(lower) - 1, 0, -1):
-                if i > 1 and lower[i - 1] not in wild:
-                    continue
-                data = reader.get(lower[:i])
-                if data is not None:
-                    return _entry(data + raw[i - 1 :], users_cdb_path)
+                return _entry(data + raw[i - 1 :], users_cdb_path)
     except cdb.CdbError as e:
         raise UsersError(f"trouble reading {users_cdb_path}: {e}") from None
     return None
