@@ -173,6 +173,8 @@ class Scheduler:
         self.scan_wanted = True
         self.stopping = False
         self.tasks: set[asyncio.Task] = set()
+        #: called once when SIGTERM arrives (the daemon closes its listeners there)
+        self.on_stop: list[Callable[[], None]] = []
 
     # -- helpers ---------------------------------------------------------------
     def status(self) -> None:
@@ -386,6 +388,9 @@ class Scheduler:
         self.poke()
 
     def on_term(self) -> None:
+        if not self.stopping:
+            for fn in self.on_stop:
+                fn()
         self.stopping = True
         self.poke()
 
