@@ -28,7 +28,7 @@ from smarthost.logfmt import safe
 from smarthost.queue import Queue, received_line
 from smarthost.rewrite import Routing
 from smarthost.root import Root
-from smarthost.sendqueue import Message, SendQueue, TodoError
+from smarthost.sendqueue import Message, Rcpt, SendQueue, TodoError
 
 #: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
 SCAN_INTERVAL = 1500
@@ -213,7 +213,7 @@ class Scheduler:
         out: list[tuple[int, Message | str]] = []
         for n in ids:
             try:
-                out.append((n, self.sq.preprocess(n, routing, sync=False)))
+                out.append((n, self.sq.preprocess(n, routing)))
             except (TodoError, OSError) as e:
                 out.append((n, str(e)))
         return out
@@ -223,7 +223,7 @@ class Scheduler:
         if not ids:
             return
         routing = self.settings.routing
-        # No fsync here (see make_durable), so this is quick enough for the loop itself.
+        # Reads only (see make_durable), so this is quick enough for the loop itself.
         results = self._preprocess_batch(ids, routing)
         now = time.time()
         for n, res in results:
@@ -243,22 +243,43 @@ class Scheduler:
             self.spawn(self.make_durable())
 
     async def make_durable(self) -> None:
-        """Messages still queued a moment after preprocessing get qmail's fsyncs; todo/N goes.
+        """Messages still queued a moment after preprocessing are persisted (sendqueue's doc)."""
+        await asyncio.sleep(DURABLE_DELAY)
+        batch, self.not_durable = self.not_durable, []
+        await self.persist([m for m in batch if m.id in self.messages])
+
+    async def persist(self, msgs: list[Message]) -> None:
+        """Write what `msgs` still have to do, fsync it, drop their todo/N (in a worker thread).
 
         Never for a message being finished: finish() removes todo/N itself, and
         once its mess file is gone the number N may belong to a new message.
         """
-        await asyncio.sleep(DURABLE_DELAY)
-        batch = [m for m in self.not_durable if m.todo and not m.finishing]
-        self.not_durable = []
+        batch = [m for m in msgs if m.todo and not m.finishing and not m.syncing]
         if not batch:
             return
+        snaps = []
         for m in batch:
             m.syncing = True
+            snaps.append(self.sq.snapshot(m))
+
+        def work() -> list[Exception | None]:
+            out: list[Exception | None] = []
+            for m, snap in zip(batch, snaps):
+                try:
+                    self.sq.write_snapshot(m, snap)
+                    out.append(None)
+                except OSError as e:
+                    out.append(e)
+            return out
+
         try:
-            await asyncio.to_thread(lambda: [self.sq.sync_and_remove_todo(m) for m in batch])
-        except OSError as e:
-            self.log(f"warning: trouble syncing preprocessed messages: {safe(str(e))}")
+            results = await asyncio.to_thread(work)
+            for m, snap, err in zip(batch, snaps, results):
+                if err is None:
+                    self.sq.after_snapshot(m, snap)
+                else:
+                    self.log(f"warning: trouble writing the state of msg {m.id}: {safe(str(err))}; "
+                             "todo/{m.id} stays")
         finally:
             for m in batch:
                 m.syncing = False
@@ -275,19 +296,20 @@ class Scheduler:
                 continue
             expired = schedule.expired(msg.birth, now, self.settings.lifetime)
             self.passes[(n, chan)] = (schedule.next_retry(msg.birth, now, chan), expired)
-            ch.pass_deferred = False
-            for offset, addr in list(ch.pending):
-                self.ready[chan].append((msg, chan, offset, addr))
-            ch.busy = len(ch.pending)
+            pending = ch.pending
+            for rcpt in pending:
+                self.ready[chan].append((msg, chan, rcpt))
+            ch.busy = len(pending)
         for chan in ("local", "remote"):
             limit = self.settings.concurrency[chan]
             while self.ready[chan] and self.running[chan] < limit and not self.stopping:
-                msg, chan_, offset, addr = self.ready[chan].popleft()
+                msg, chan_, rcpt = self.ready[chan].popleft()
                 self.running[chan] += 1
                 self.delivery_no += 1
-                self.spawn(self.run_delivery(self.delivery_no, msg, chan, offset, addr))
+                self.spawn(self.run_delivery(self.delivery_no, msg, chan, rcpt))
 
-    async def run_delivery(self, d: int, msg: Message, chan: str, offset: int, addr: str) -> None:
+    async def run_delivery(self, d: int, msg: Message, chan: str, rcpt: Rcpt) -> None:
+        addr = rcpt.addr
         self.log(f"starting delivery {d}: msg {msg.id} to {chan} {safe(addr)}")
         self.status()
         try:
@@ -309,15 +331,10 @@ class Scheduler:
         try:
             if letter in "KD":
                 if letter == "D":
-                    self.sq.add_bounce(msg.id, self.settings.routing.unprepend(addr), text)
-                    msg.bounce = True
-                self.sq.mark_done(chan, msg.id, offset)
-                ch.pending = [p for p in ch.pending if p[0] != offset]
-            else:
-                ch.pass_deferred = True
+                    self.sq.add_bounce(msg, self.settings.routing.unprepend(addr), text)
+                self.sq.mark_done(msg, chan, rcpt)
         except OSError as e:
-            self.log(f"warning: trouble marking msg {msg.id}: {safe(e.strerror or str(e))}; will retry")
-            ch.pass_deferred = True
+            self.log(f"warning: trouble marking msg {msg.id}: {safe(e.strerror or str(e))}")
         ch.busy -= 1
         self.status()
         if ch.busy == 0:
@@ -328,12 +345,13 @@ class Scheduler:
         self.passes.pop((msg.id, chan), None)
         ch = msg.channels[chan]
         if ch.pending:
-            ch.retry = next_retry
-            self.sq.set_retry(chan, msg.id, next_retry)
+            self.sq.set_retry(msg, chan, next_retry)
             heapq.heappush(self.due, (next_retry, msg.id, chan))
+            if msg.todo:
+                # It has to wait: its retry time must survive a restart.
+                self.spawn(self.persist([msg]))
             return
-        del msg.channels[chan]
-        self.sq.remove_channel(chan, msg.id)
+        self.sq.channel_done(msg, chan)
         if not msg.channels:
             self.spawn(self.finish(msg))
 
@@ -342,7 +360,7 @@ class Scheduler:
         msg.finishing = True
         while msg.syncing:
             await self.synced.wait()
-        records = self.sq.read_bounce(msg.id) if msg.bounce else None
+        records = self.sq.bounce_records(msg)
         if records is not None:
             plan = decide(msg.sender, self.settings.bounce)
             if plan is None:
@@ -447,7 +465,9 @@ class Scheduler:
                         await asyncio.wait_for(t, 30)
                     except (asyncio.TimeoutError, Exception):
                         pass
-            # Retry times are already on disk (set at the end of every pass).
+            # A clean stop leaves no todo/N behind for what is already preprocessed,
+            # so a restart does not deliver anything twice.
+            await self.persist([m for m in self.messages.values() if m.todo])
             await self.local.stop()
             self.status()
             self.log("status: exiting")

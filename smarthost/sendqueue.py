@@ -8,15 +8,23 @@ Formats (INTERNALS, qmail-send.c):
               the channel's next retry time
   bounce/N    `<addr>:` report paragraphs of permanent failures, appended
 
-todo/N goes when the files it became are durable: at once after an fsync of
-them (qmail's way), or — cheaper, and what the scheduler does for mail it can
-deliver at once — when the message is finished. A crash before that leaves
-todo/N, and the message is preprocessed again (duplicates possible, no loss).
+Where qmail writes info, channel files and fsyncs them for every message before
+it removes todo/N, this scheduler keeps a fresh message's state in memory and
+todo/N as its durable record. It persists (writes the files of what is still to
+do, fsyncs them, then removes todo/N) only when the message has to wait: a
+deferral, a delivery still running after a moment, or a clean shutdown. Mail
+delivered at once therefore costs no files beyond mess and todo. A crash while
+todo/N exists means preprocessing again: duplicates are possible, losses are not.
+
+Removal order is fixed (bounce, channel files, info, then intd and mess): once
+mess/S/N is gone, N may name a new message, and nothing of the old one may be
+left for it to inherit. Without info/N there are never channel or bounce files.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 from smarthost.queue import Queue
@@ -29,18 +37,28 @@ class TodoError(ValueError):
     """A todo/N that cannot be understood: left in place and retried later."""
 
 
+@dataclass(eq=False)
+class Rcpt:
+    addr: str
+    offset: int | None = None   # of its record in the channel file, once persisted
+    done: bool = False
+
+
 @dataclass
 class Channel:
-    """One message's recipients on one channel: (record offset, address) still to do."""
+    """One message's recipients on one channel."""
 
     name: str
-    pending: list[tuple[int, str]]
+    rcpts: list[Rcpt]
     retry: float = 0.0
     busy: int = 0           # deliveries under way in the current pass
-    pass_deferred: bool = False
+
+    @property
+    def pending(self) -> list[Rcpt]:
+        return [r for r in self.rcpts if not r.done]
 
 
-@dataclass
+@dataclass(eq=False)
 class Message:
     id: int
     birth: float
@@ -49,10 +67,21 @@ class Message:
     qp: int = 0
     uid: int = 0
     channels: dict[str, Channel] = field(default_factory=dict)
-    todo: bool = False      # todo/N still exists (files not yet made durable)
-    bounce: bool = False    # bounce/N holds failure records
-    syncing: bool = False   # a worker thread is making its files durable
+    todo: bool = True        # todo/N still exists: the files are not (all) durable
+    persisted: bool = False  # info/N and channel files exist
+    bounces: list[bytes] = field(default_factory=list)  # failure records not yet in bounce/N
+    bounce_file: bool = False
+    syncing: bool = False    # a worker thread is persisting it
     finishing: bool = False
+
+
+@dataclass
+class Snapshot:
+    """What persist() writes, taken on the scheduler's thread."""
+
+    info: bytes
+    channels: list[tuple[str, bytes, list[tuple[Rcpt, int]], float]]
+    bounces: int             # how many of msg.bounces it writes
 
 
 def _records(data: bytes) -> list[bytes]:
@@ -65,21 +94,39 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def bounce_record(addr: str, report: str) -> bytes:
+    """One failure as qmail-send's addbounce() records it."""
+    lines = [ln if ln.strip() else "/" for ln in report.rstrip("\n").split("\n")]
+    return _bytes(f"<{addr.replace(chr(10), '_')}>:\n" + "\n".join(lines) + "\n\n")
+
+
 class SendQueue:
     """File operations of qmail-send on a Queue."""
 
     def __init__(self, queue: Queue):
         self.q = queue
 
-    # -- todo -> info + channels (qmail-send.c todo_do) ----------------------
-    def preprocess(self, n: int, routing: Routing, *, sync: bool) -> Message:
-        """Turn todo/N into info/N and channel files; with `sync`, fsync them and drop todo/N."""
+    # -- todo/N (qmail-send.c todo_do, without its files) --------------------
+    def preprocess(self, n: int, routing: Routing, now: float | None = None) -> Message:
+        """Read todo/N and route its recipients; the state stays in memory."""
         q = self.q
         with open(q.todo(n), "rb") as f:
             data = f.read()
         uid = qp = 0
         sender = None
-        rcpts: dict[str, list[str]] = {c: [] for c in CHANNELS}
+        rcpts: dict[str, list[Rcpt]] = {c: [] for c in CHANNELS}
         for rec in _records(data):
             kind, value = rec[:1], rec[1:]
             if kind == b"u" and value.isdigit():
@@ -90,7 +137,7 @@ class SendQueue:
                 sender = _text(value)
             elif kind == b"T":
                 chan, addr = routing.route(_text(value))
-                rcpts[chan].append(addr)
+                rcpts[chan].append(Rcpt(addr))
             elif kind not in (b"u", b"p"):
                 raise TodoError(f"unknown record {rec[:20]!r}")
         if sender is None:
@@ -99,75 +146,71 @@ class SendQueue:
             size = os.stat(q.mess(n)).st_size
         except FileNotFoundError:
             raise TodoError("mess file missing") from None
-        # Preprocessing again after a crash starts from scratch. Channel and
-        # bounce files are always removed before info/N, so without an info/N
-        # there is nothing else to remove (one syscall in the usual case).
-        try:
-            os.unlink(q.info(n))
-        except FileNotFoundError:
-            pass
-        else:
+        # Left by a persist that a crash cut short: start from scratch.
+        if _unlink(q.info(n)):
             for p in (q.channel("local", n), q.channel("remote", n), q.bounce(n)):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-        fds = []
-        try:
-            fd = os.open(q.info(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            fds.append(fd)
-            _write(fd, b"F" + sender.encode("utf-8", "surrogateescape") + b"\0")
-            birth = os.fstat(fd).st_mtime
-            msg = Message(n, birth, sender, size, qp, uid, todo=True)
-            for chan in CHANNELS:
-                if not rcpts[chan]:
-                    continue
-                fd = os.open(q.channel(chan, n), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                fds.append(fd)
-                buf = bytearray()
-                pending = []
-                for addr in rcpts[chan]:
-                    pending.append((len(buf), addr))
-                    buf += b"T" + addr.encode("utf-8", "surrogateescape") + b"\0"
-                _write(fd, bytes(buf))
-                msg.channels[chan] = Channel(chan, pending, retry=birth)
-            if sync:
-                for fd in fds:
-                    os.fsync(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        if sync:
-            self.remove_todo(n)
-            msg.todo = False
+                _unlink(p)
+        birth = time.time() if now is None else now
+        msg = Message(n, birth, sender, size, qp, uid)
+        for chan in CHANNELS:
+            if rcpts[chan]:
+                msg.channels[chan] = Channel(chan, rcpts[chan], retry=birth)
         return msg
 
-    def sync_and_remove_todo(self, msg: Message) -> None:
-        """Make info/N and its channel files durable, then drop todo/N."""
-        q = self.q
-        paths = [q.info(msg.id)] + [q.channel(c, msg.id) for c in msg.channels]
-        for p in paths:
+    # -- persisting -----------------------------------------------------------
+    def snapshot(self, msg: Message) -> Snapshot:
+        chans = []
+        for name, ch in msg.channels.items():
+            buf = bytearray()
+            where = []
+            for r in ch.rcpts:
+                if not r.done:
+                    where.append((r, len(buf)))
+                    buf += b"T" + _bytes(r.addr) + b"\0"
+            if where:
+                chans.append((name, bytes(buf), where, ch.retry))
+        return Snapshot(b"F" + _bytes(msg.sender) + b"\0", chans, len(msg.bounces))
+
+    def write_snapshot(self, msg: Message, snap: Snapshot) -> None:
+        """Worker thread: write, fsync, then drop todo/N. Touches no Message field."""
+        q, n = self.q, msg.id
+        files = [(q.info(n), snap.info, msg.birth)]
+        files += [(q.channel(name, n), data, retry) for name, data, _, retry in snap.channels]
+        if snap.bounces:
+            files.append((q.bounce(n), b"".join(msg.bounces[: snap.bounces]), None))
+        for path, data, mtime in files:
+            fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
             try:
-                fd = os.open(p, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # finished meanwhile
-            try:
+                _write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self.remove_todo(msg.id)
-        msg.todo = False
+            if mtime is not None:
+                os.utime(path, (mtime, mtime))
+        for p in (q.intd(n), q.todo(n)):
+            _unlink(p)
 
-    def remove_todo(self, n: int) -> None:
-        for p in (self.q.intd(n), self.q.todo(n)):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+    def after_snapshot(self, msg: Message, snap: Snapshot) -> None:
+        """Scheduler thread: the files are durable; catch up with what changed meanwhile."""
+        msg.persisted, msg.todo = True, False
+        for name, _, where, _ in snap.channels:
+            for r, off in where:
+                r.offset = off
+                if r.done:
+                    self._mark(name, msg.id, off)
+        if snap.bounces:
+            msg.bounce_file = True
+        if len(msg.bounces) > snap.bounces:
+            self._append_bounce(msg.id, b"".join(msg.bounces[snap.bounces:]))
+            msg.bounce_file = True
+        msg.bounces.clear()
+        for name, ch in msg.channels.items():
+            if not ch.pending:
+                _unlink(self.q.channel(name, msg.id))
 
     # -- start-up --------------------------------------------------------------
     def load(self, n: int) -> Message | None:
-        """Read a preprocessed message back (info/N and channel files); None if info is gone."""
+        """Read a persisted message back (info/N and channel files); None if info is gone."""
         q = self.q
         try:
             with open(q.info(n), "rb") as f:
@@ -181,7 +224,8 @@ class SendQueue:
             size = os.stat(q.mess(n)).st_size
         except FileNotFoundError:
             size = 0
-        msg = Message(n, birth, sender, size, bounce=os.path.exists(q.bounce(n)))
+        msg = Message(n, birth, sender, size, todo=False, persisted=True,
+                      bounce_file=os.path.exists(q.bounce(n)))
         for chan in CHANNELS:
             path = q.channel(chan, n)
             try:
@@ -190,75 +234,85 @@ class SendQueue:
                     data = f.read()
             except FileNotFoundError:
                 continue
-            pending = []
+            rcpts = []
             off = 0
             for rec in data.split(b"\0"):
                 # A record cut short by a crash has no NUL: it is still due.
                 if rec[:1] == b"T":
-                    pending.append((off, _text(rec[1:])))
+                    rcpts.append(Rcpt(_text(rec[1:]), off))
                 off += len(rec) + 1
-            if pending:
-                msg.channels[chan] = Channel(chan, pending, retry=retry)
+            if rcpts:
+                msg.channels[chan] = Channel(chan, rcpts, retry=retry)
             else:
-                self.remove_channel(chan, n)
+                _unlink(path)
         return msg
 
     # -- during delivery -------------------------------------------------------
-    def mark_done(self, chan: str, n: int, offset: int) -> None:
-        """Overwrite the recipient's `T` with `D`: one byte, in place (no fsync, as qmail)."""
-        fd = os.open(self.q.channel(chan, n), os.O_WRONLY)
+    def mark_done(self, msg: Message, chan: str, rcpt: Rcpt) -> None:
+        """Done in memory; on disk overwrite its `T` with `D` (one byte, no fsync, as qmail)."""
+        rcpt.done = True
+        if msg.persisted and rcpt.offset is not None:
+            self._mark(chan, msg.id, rcpt.offset)
+
+    def _mark(self, chan: str, n: int, offset: int) -> None:
+        try:
+            fd = os.open(self.q.channel(chan, n), os.O_WRONLY)
+        except FileNotFoundError:
+            return
         try:
             os.pwrite(fd, b"D", offset)
         finally:
             os.close(fd)
 
-    def set_retry(self, chan: str, n: int, when: float) -> None:
-        try:
-            os.utime(self.q.channel(chan, n), (when, when))
-        except FileNotFoundError:
-            pass
+    def set_retry(self, msg: Message, chan: str, when: float) -> None:
+        msg.channels[chan].retry = when
+        if msg.persisted:
+            try:
+                os.utime(self.q.channel(chan, msg.id), (when, when))
+            except FileNotFoundError:
+                pass
 
-    def remove_channel(self, chan: str, n: int) -> None:
-        try:
-            os.unlink(self.q.channel(chan, n))
-        except FileNotFoundError:
-            pass
+    def channel_done(self, msg: Message, chan: str) -> None:
+        del msg.channels[chan]
+        if msg.persisted:
+            _unlink(self.q.channel(chan, msg.id))
 
-    def add_bounce(self, n: int, addr: str, report: str) -> None:
-        """Record one permanent failure in bounce/N (qmail-send addbounce())."""
-        addr = addr.replace("\n", "_")
-        lines = [ln if ln.strip() else "/" for ln in report.rstrip("\n").split("\n")]
-        text = f"<{addr}>:\n" + "\n".join(lines) + "\n\n"
+    def add_bounce(self, msg: Message, addr: str, report: str) -> None:
+        """Record one permanent failure (qmail-send addbounce())."""
+        rec = bounce_record(addr, report)
+        if msg.persisted:
+            self._append_bounce(msg.id, rec)
+            msg.bounce_file = True
+        else:
+            msg.bounces.append(rec)
+
+    def _append_bounce(self, n: int, data: bytes) -> None:
         fd = os.open(self.q.bounce(n), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
         try:
-            _write(fd, text.encode("utf-8", "surrogateescape"))
+            _write(fd, data)
         finally:
             os.close(fd)
 
-    def read_bounce(self, n: int) -> bytes | None:
-        try:
-            with open(self.q.bounce(n), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def finish(self, msg: Message) -> None:
-        """The message is done: remove todo, bounce, channel files, info, then intd and mess.
-
-        That order matters: once mess/S/N is gone the number N is free for a new
-        message, and nothing of N may be left to be mistaken for its.
-        """
-        q, n = self.q, msg.id
-        paths = [q.todo(n), q.intd(n)] if msg.todo else []
-        if msg.bounce:
-            paths.append(q.bounce(n))
-        paths += [q.channel(c, n) for c in msg.channels]
-        paths += [q.info(n), q.mess(n)]
-        for p in paths:
+    def bounce_records(self, msg: Message) -> bytes | None:
+        data = b""
+        if msg.bounce_file:
             try:
-                os.unlink(p)
+                with open(self.q.bounce(msg.id), "rb") as f:
+                    data = f.read()
             except FileNotFoundError:
                 pass
+        data += b"".join(msg.bounces)
+        return data or None
+
+    def finish(self, msg: Message) -> None:
+        """The message is done: remove its files in the fixed order (see the module doc)."""
+        q, n = self.q, msg.id
+        paths = [q.todo(n), q.intd(n)] if msg.todo else []
+        if msg.persisted:
+            paths += [q.bounce(n), q.channel("local", n), q.channel("remote", n), q.info(n)]
+        paths.append(q.mess(n))
+        for p in paths:
+            _unlink(p)
 
 
 def _write(fd: int, data: bytes) -> None:

@@ -256,3 +256,22 @@ def test_term_finishes_deliveries_under_way(root, daemon):
     assert any("delivery 1: success" in s for s in d.lines)
     assert d.lines[-1] == "status: exiting"
     assert os.path.exists(os.path.join(home(root), "slow.out"))
+
+
+def test_restart_does_not_repeat_finished_recipients(root, daemon):
+    dotqmail(root, "later", "|exit 111\n")
+    d = daemon()
+    q = Queue(root.queue_dir)
+    n = q.inject(msg("half"), "s@x", [f"example@{ME}", f"example-later@{ME}"]).id
+    d.wait_log("deferral")
+    d.wait_log("success")
+    new = os.path.join(home(root), "Maildir", "new")
+    wait_files(new, 1)
+    assert d.stop() == 0
+    # the deferred recipient's state is on disk, qmail's way, and todo/N is gone
+    assert q.todo_ids() == [] and os.path.exists(q.info(n))
+    assert open(q.channel("local", n), "rb").read().count(b"T") == 1
+    d2 = daemon()
+    d2.signal(signal.SIGALRM)
+    d2.wait_log("delivery 1: deferral")
+    assert len(os.listdir(new)) == 1
