@@ -9,9 +9,10 @@ from typing import Callable
 def fatal(prog: str, reason: str, code: int) -> int:
     """Print `prog: fatal: reason` on stderr and return `code`."""
     try:
-        sys.stderr.write(f"{prog}: fatal: {reason}\n")
-        sys.stderr.flush()
-    except OSError:
+        if sys.stderr is not None:
+            sys.stderr.write(f"{prog}: fatal: {reason}\n")
+            sys.stderr.flush()
+    except (OSError, ValueError):
         pass
     return code
 
@@ -29,7 +30,8 @@ def run(prog: str, body: Callable[[], int], crash_code: int = 111, quiet: bool =
             fatal(prog, f"internal error: {type(e).__name__}: {e}", crash_code)
         code = crash_code
     try:
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None when the program was started with fd 1 closed
+            sys.stdout.flush()
     except (OSError, ValueError):
         pass
     sys.exit(code)
