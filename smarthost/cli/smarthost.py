@@ -1,8 +1,7 @@
-"""`smarthost`: make a root (`init`) and run the daemon (`run`)."""
+"""`smarthost`: make a root (`init`), run the daemon (`run`), edit who may use QMQP (`rules`)."""
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import sys
@@ -30,12 +29,28 @@ def init(root: str, me: str | None) -> None:
     click.echo(f"  run it: SMARTHOST_ROOT={r.path} smarthost run")
 
 
+root_option = click.option("--root", "root_path", default=None,
+                           help="Root directory (default $SMARTHOST_ROOT or /var/qmail).")
+
+
+def _listen(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, int]]:
+    from smarthost.daemon import parse_listen
+
+    try:
+        return [parse_listen(v) for v in values]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @cli.command()
-@click.option("--root", "root_path", default=None, help="Root directory (default $SMARTHOST_ROOT or /var/qmail).")
+@root_option
 @click.option("--timestamps", is_flag=True, help="Start each log line with the unix time.")
-def run(root_path: str | None, timestamps: bool) -> None:
-    """Run the scheduler (and, as they come, the listeners) until SIGTERM."""
-    from smarthost.send import Log, Scheduler
+@click.option("--qmqp", "qmqp", multiple=True, metavar="ADDR:PORT", callback=_listen,
+              help="Listen for QMQP there ([::1]:PORT for IPv6; port 0 picks one). Repeatable.")
+def run(root_path: str | None, timestamps: bool, qmqp: list[tuple[str, int]]) -> None:
+    """Run the scheduler and the QMQP listeners until SIGTERM."""
+    from smarthost.daemon import run as run_daemon
+    from smarthost.send import Log
 
     root = Root(os.path.abspath(root_path or default_root()))
     if not os.path.isdir(root.queue_dir):
@@ -50,9 +65,100 @@ def run(root_path: str | None, timestamps: bool) -> None:
     os.environ["SMARTHOST_ROOT"] = root.path
     log = Log(sys.stdout, timestamps)
     try:
-        asyncio.run(Scheduler(root, log).run())
+        run_daemon(root, log, qmqp)
     except OSError as e:
         raise click.ClickException(f"alert: cannot start: {e}") from None
+
+
+@cli.group()
+def rules() -> None:
+    """Who may use QMQP: edit ROOT/rules/qmqp.rules (tcprules syntax) and compile qmqp.cdb."""
+
+
+def _rules_paths(root_path: str | None) -> tuple[str, str]:
+    root = Root(os.path.abspath(root_path or default_root()))
+    if not os.path.isdir(root.rules_dir):
+        raise click.ClickException(f"{root.rules_dir} is missing; make the root with: smarthost init {root.path}")
+    return os.path.join(root.rules_dir, "qmqp.rules"), os.path.join(root.rules_dir, "qmqp.cdb")
+
+
+def _set_rule(root_path: str | None, prefix: str, allow: bool, assignments: tuple[str, ...]) -> None:
+    from smarthost import tcprules
+
+    env = []
+    for a in assignments:
+        name, eq, value = a.partition("=")
+        if not eq or not name:
+            raise click.BadParameter(f"{a!r} is not VAR=value", param_hint="VAR=value")
+        env.append((name.encode(), value.encode("utf-8", "surrogateescape")))
+    rules_path, cdb_path = _rules_paths(root_path)
+    try:
+        line = tcprules.update(rules_path, cdb_path, prefix.encode("utf-8", "surrogateescape"), allow, env)
+    except tcprules.RulesSyntaxError as e:
+        raise click.ClickException(f"{rules_path}: {e}; fix it first") from None
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"unable to update {e.filename or rules_path}: {e.strerror or e}") from None
+    click.echo(line.decode("utf-8", "surrogateescape"))
+
+
+@rules.command()
+@root_option
+@click.argument("prefix")
+@click.argument("assignments", nargs=-1, metavar="[VAR=value]...")
+def allow(root_path: str | None, prefix: str, assignments: tuple[str, ...]) -> None:
+    """Let PREFIX (1.2.3.4, 10.0.0., 1.2.3.1-20, ::1, 2001:db8:, "" for everyone else) use QMQP."""
+    _set_rule(root_path, prefix, True, assignments)
+
+
+@rules.command()
+@root_option
+@click.argument("prefix")
+def deny(root_path: str | None, prefix: str) -> None:
+    """Refuse PREFIX: its connections are closed unread."""
+    _set_rule(root_path, prefix, False, ())
+
+
+@rules.command(name="list")
+@root_option
+def list_rules(root_path: str | None) -> None:
+    """Show the rules, first match wins."""
+    from smarthost import tcprules
+
+    rules_path, cdb_path = _rules_paths(root_path)
+    text = tcprules.read_rules(rules_path)
+    if text is None:
+        if os.path.exists(cdb_path):
+            click.echo(f"# {rules_path} is missing; {cdb_path} is in force")
+        else:
+            click.echo(f"# no {rules_path}: only 127.0.0.1 and ::1 may use QMQP")
+        return
+    for line in tcprules.split_lines(text):
+        if line.strip():
+            click.echo(line.rstrip(b"\n").decode("utf-8", "surrogateescape"))
+    try:
+        stale = os.stat(cdb_path).st_mtime < os.stat(rules_path).st_mtime
+    except FileNotFoundError:
+        stale = True
+    if stale:
+        click.echo(f"# warning: {cdb_path} is older than the rules; run: smarthost rules compile", err=True)
+
+
+@rules.command(name="compile")
+@root_option
+def compile_rules(root_path: str | None) -> None:
+    """Compile qmqp.rules into qmqp.cdb (after editing it by hand)."""
+    from smarthost import tcprules
+
+    rules_path, cdb_path = _rules_paths(root_path)
+    try:
+        n = tcprules.compile_file(rules_path, cdb_path)
+    except tcprules.RulesSyntaxError as e:
+        raise click.ClickException(f"{rules_path}: {e}") from None
+    except OSError as e:
+        raise click.ClickException(f"unable to compile {rules_path}: {e.strerror or e}") from None
+    click.echo(f"smarthost: {cdb_path}: {n} keys")
 
 
 @cli.command()

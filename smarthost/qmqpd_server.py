@@ -1,0 +1,228 @@
+"""The daemon's QMQP listener: qmail-qmqpd(8) behind tcpserver(1)'s accept loop, in asyncio.
+
+What tcpserver and qmail-qmqpd do as two programs and a fork per connection,
+this does in the daemon's loop:
+  * at most control/concurrencyqmqp sessions at once (default 40, tcpserver -c);
+    further connections wait unaccepted in the listen backlog, as with -c;
+  * the rules in ROOT/rules/qmqp.cdb (tcprules format), looked at for every
+    connection and reopened when the file changes (tcpserver -x); a denied
+    client is closed before a byte is read. With no cdb at all only 127.0.0.1
+    and ::1 may connect: QMQP relays to anywhere, so an open QMQP port is an
+    open relay. An unreadable cdb drops every connection, as tcpserver does;
+  * DATABYTES set by a rule bounds the request, as the variable does for the
+    stdio qmail-qmqpd under tcpserver; other variables are ignored;
+  * qmail-qmqpd's hour for the whole session, plus an idle limit per read
+    (control/timeoutqmqpd, default 1200 s) that qmail-qmqpd does not have;
+  * the Received line of qmail-qmqpd with TCPREMOTEIP = the peer, TCPREMOTEHOST
+    unknown (no DNS, tcpserver -H), LOCAL = control/me, else the local IP.
+The message streams into a queue draft; file writes and the commit's fsyncs
+run in worker threads, so the loop never waits for the disk. One log line per
+connection: ok, refused (the Z/D text), deny, or drop (and why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+from typing import Callable
+
+from smarthost.cdb import CdbError
+from smarthost.logfmt import safe
+from smarthost.qmqp_session import (NEED_DATA, Event, SESSION_MAX, QmqpError, QmqpSession, QueueSink,
+                                    Request, Truncated, answer, databytes, received)
+from smarthost.queue import Queue, received_line
+from smarthost.root import Root
+from smarthost.tcprules import Decision, RulesWatcher, match, normalize_ip
+
+CONCURRENCY_DEFAULT = 40
+TIMEOUT_DEFAULT = 1200
+BACKLOG = 128
+CHUNK = 65536
+RULES_CDB = "qmqp.cdb"
+#: who may connect when there is no rules cdb at all
+LOCALHOST = frozenset({"127.0.0.1", "::1"})
+
+
+def localhost_only(ip: str) -> Decision:
+    return Decision(ip in LOCALHOST)
+
+
+def clean(text: str | bytes) -> str:
+    """Text for a log line: controls and 8-bit bytes become `_`, spaces stay (unlike qmail-send's)."""
+    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    return "".join(chr(b) if 32 <= b < 127 else "_" for b in raw)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _write_batch(sink: QueueSink, batch: list[bytes]) -> None:
+    for piece in batch:
+        sink.write(piece)
+
+
+class QmqpListener:
+    """One listening socket with its sessions."""
+
+    def __init__(self, root: Root, host: str, port: int, *, log: Callable[[str], None] = print,
+                 concurrency: int | None = None, timeout: float | None = None,
+                 session_timeout: float = SESSION_MAX):
+        ctl = root.control
+        self.root = root
+        self.host = host
+        self.port = port
+        self.log = log
+        self.concurrency = concurrency or ctl.number("concurrencyqmqp", CONCURRENCY_DEFAULT) or 1
+        self.timeout = timeout or ctl.number("timeoutqmqpd", TIMEOUT_DEFAULT) or TIMEOUT_DEFAULT
+        self.session_timeout = session_timeout
+        self.me = ctl.line("me")
+        self.queue = Queue(root.queue_dir)
+        self.rules = RulesWatcher(os.path.join(root.rules_dir, RULES_CDB))
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._sessions: dict[asyncio.Task, socket.socket] = {}
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    async def start(self) -> None:
+        """Bind and listen (port 0 picks a free port; `port` then says which)."""
+        family = socket.AF_INET6 if ipaddress.ip_address(self.host).version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    def close(self) -> None:
+        """Stop accepting; sessions under way go on (see wait_closed)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def wait_closed(self, grace: float = 10.0) -> None:
+        """Close, give sessions `grace` seconds, then cut the rest off (nothing of theirs is queued)."""
+        self.close()
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=grace)
+        for conn in list(self._sessions.values()):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # their reads see EOF and they clean up
+            except OSError:
+                pass
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=30)
+        self.rules.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None and self._slots is not None
+        while True:
+            await self._slots.acquire()  # no free slot: the next client waits in the backlog
+            try:
+                conn, peer = await loop.sock_accept(self._sock)
+            except OSError as e:
+                self._slots.release()
+                self.log(f"qmqpd: warning: unable to accept: {clean(e.strerror or str(e))}")
+                await asyncio.sleep(1)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn, peer[0]))
+            self._sessions[task] = conn
+            task.add_done_callback(self._session_done)
+
+    def _session_done(self, task: asyncio.Task) -> None:
+        self._sessions.pop(task, None)
+        if self._slots is not None:
+            self._slots.release()
+
+    def policy(self, ip: str) -> Decision:
+        """What the rules say for `ip`; CdbError/OSError when the cdb cannot be read."""
+        reader = self.rules.current()
+        return localhost_only(ip) if reader is None else match(reader, ip)
+
+    async def _serve(self, conn: socket.socket, peer: str) -> None:
+        ip = normalize_ip(peer)
+        try:
+            try:
+                decision = self.policy(ip)
+            except (CdbError, OSError) as e:
+                self.log(f"qmqpd: drop {ip}: unable to read rules/{RULES_CDB}: {clean(str(e))}")
+                return
+            if not decision.allow:
+                self.log(f"qmqpd: deny {ip}")
+                return
+            await self._session(conn, ip, decision)
+        except Exception as e:  # a connection's edge: log it, never take the listener down
+            self.log(f"qmqpd: drop {ip}: internal error: {type(e).__name__}: {clean(str(e))}")
+        finally:
+            conn.close()
+
+    async def _session(self, conn: socket.socket, ip: str, decision: Decision) -> None:
+        loop = asyncio.get_running_loop()
+        local = self.me or normalize_ip(conn.getsockname()[0])
+        head = received_line("invoked from network", os.getpid()) + received("QMQP", local, ip, None)
+        sink = QueueSink(self.queue.draft, head)
+        chunks: list[bytes] = []
+        session = QmqpSession(chunks.append, databytes(decision.env.get("DATABYTES")))
+        deadline = loop.time() + self.session_timeout
+        pending: list[asyncio.Future] = []
+
+        async def in_thread(fn: Callable, *args: object) -> object:
+            # Shielded: a cancelled session still lets its disk work finish (see finally).
+            fut = loop.run_in_executor(None, fn, *args)
+            pending[:] = [fut]
+            return await asyncio.shield(fut)
+
+        try:
+            event: Event = NEED_DATA
+            while event is NEED_DATA:
+                wait = min(self.timeout, deadline - loop.time())
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                data = await asyncio.wait_for(loop.sock_recv(conn, CHUNK), wait)
+                event = session.feed(data) if data else session.feed_eof()
+                if chunks:
+                    batch = chunks[:]
+                    chunks.clear()
+                    await in_thread(_write_batch, sink, batch)
+            text = str(await in_thread(sink.finish, event))
+            await asyncio.wait_for(loop.sock_sendall(conn, answer(text)), self.timeout)
+            if isinstance(event, Request) and text.startswith("K"):
+                self.log(f"qmqpd: ok {ip} msg {getattr(sink.injected, 'id', '?')} "
+                         f"bytes {event.message_bytes} from <{safe(event.sender)}> "
+                         f"rcpts {len(event.recipients)}")
+            else:
+                self.log(f"qmqpd: refused {ip} {clean(text)}")
+        except asyncio.TimeoutError:
+            self.log(f"qmqpd: drop {ip}: timeout")
+        except Truncated:
+            self.log(f"qmqpd: drop {ip}: the client closed the connection before the end")
+        except QmqpError as e:
+            self.log(f"qmqpd: drop {ip}: protocol error: {clean(str(e))}")
+        except OSError as e:
+            self.log(f"qmqpd: drop {ip}: {clean(e.strerror or str(e))}")
+        finally:
+            if pending and not pending[0].done():
+                await asyncio.wait(pending)  # never close the draft under a write
+            if sink.draft is not None:
+                await in_thread(sink.discard)
