@@ -47,6 +47,7 @@ def test_kill_9_during_injections_and_deliveries_loses_nothing(root):
             acked.append(i)
 
     d = Daemon(root)
+    d2 = None
     d.wait_log("status: local 0/")
     t = threading.Thread(target=inject)
     t.start()
@@ -90,4 +91,6 @@ def test_kill_9_during_injections_and_deliveries_loses_nothing(root):
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
+        if d2 is not None:
+            d2.stop()
         t.join(5)
