@@ -324,6 +324,7 @@ class QueueSink:
         self.header = header
         self.draft: Draft | None = None
         self.error: int | None = None  # qmail-queue exit code of the first trouble
+        self.reason = ""               # what went wrong, for the log (never for the client)
         self.finished = False
         self.injected: object = None   # what the draft's commit returned
 
@@ -334,7 +335,7 @@ class QueueSink:
                 if self.header:
                     self.draft.write(self.header)
             except _QUEUE_TROUBLE as e:  # reported in the answer, never raised
-                self.error = _qq_code(e)
+                self.error, self.reason = _qq_code(e), str(e)
         return self.draft if self.error is None else None
 
     def write(self, data: bytes) -> None:
@@ -344,7 +345,7 @@ class QueueSink:
         try:
             draft.write(data)
         except _QUEUE_TROUBLE as e:
-            self.error = _qq_code(e)
+            self.error, self.reason = _qq_code(e), str(e)
 
     def finish(self, event: Request | Refused, when: float | None = None) -> str:
         """Commit (for a Request) or discard; the answer text."""
@@ -359,6 +360,7 @@ class QueueSink:
                 done = draft.commit(event.sender.decode("utf-8", "surrogateescape"),
                                     [r.decode("utf-8", "surrogateescape") for r in event.recipients])
             except _QUEUE_TROUBLE as e:
+                self.reason = str(e)
                 return report(_qq_code(e))
             self.injected = done
             return ok_text(getattr(done, "qp", draft.qp), when)

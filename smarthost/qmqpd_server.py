@@ -212,7 +212,8 @@ class QmqpListener:
                          f"bytes {event.message_bytes} from <{safe(event.sender)}> "
                          f"rcpts {len(event.recipients)}")
             else:
-                self.log(f"qmqpd: refused {ip} {clean(text)}")
+                why = f" ({clean(sink.reason)})" if sink.reason else ""
+                self.log(f"qmqpd: refused {ip} {clean(text)}{why}")
         except asyncio.TimeoutError:
             self.log(f"qmqpd: drop {ip}: timeout")
         except Truncated:

@@ -38,6 +38,8 @@ from miniqmail.exitcodes import QQ
 from smarthost.errors import PermanentError, TemporaryError
 
 SPLIT_DEFAULT = 23
+#: a pid/ file older than this belongs to an injector that died.
+PID_STALE_AGE = 60
 CHUNK = 65536
 
 
@@ -335,20 +337,15 @@ class Queue:
                 removed.append(n)
             finally:
                 os.close(fd)
+        # A pid/ file lives only between its O_EXCL create and the link into mess/,
+        # a window in which it is not yet locked: so age, not the lock, decides.
         for name in os.listdir(self.sub("pid")):
             p = self.sub("pid", name)
             try:
-                fd = os.open(p, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if now - os.fstat(fd).st_mtime >= age:
+                if now - os.stat(p).st_mtime >= max(age, PID_STALE_AGE):
                     os.unlink(p)
-            except (BlockingIOError, FileNotFoundError):
+            except FileNotFoundError:
                 pass
-            finally:
-                os.close(fd)
         return removed
 
 

@@ -195,3 +195,14 @@ def test_qmail_queue_full_disk_is_temporary(root):
     finally:
         d.close()
     assert q.todo_ids() == [] and q.mess_ids() == []
+
+
+def test_cleanup_spares_a_fresh_pid_file_and_removes_an_old_one(q):
+    # an injector between its O_EXCL create of pid/P and the link holds no lock yet
+    fresh = q.sub("pid", "1.2.3.4")
+    old = q.sub("pid", "5.6.7.8")
+    for p in (fresh, old):
+        open(p, "w").close()
+    os.utime(old, (1, 1))
+    q.cleanup()
+    assert os.path.exists(fresh) and not os.path.exists(old)

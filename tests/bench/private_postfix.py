@@ -71,7 +71,11 @@ class PrivatePostfix:
         self._pc("-F", "*/*/chroot = n")
 
     def start(self) -> None:
-        subprocess.run([POSTFIX, "-c", self.conf, "start"], check=True, capture_output=True)
+        # Postfix tells its fatal errors only to a terminal, else to its log.
+        p = subprocess.run(["script", "-qc", f"{POSTFIX} -c {self.conf} start", "/dev/null"],
+                           capture_output=True, text=True)
+        if p.returncode != 0 or "fatal" in p.stdout:
+            raise RuntimeError(f"private postfix did not start: {p.stdout.strip()}")
         import socket
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

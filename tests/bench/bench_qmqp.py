@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Benchmark the QMQP pair against Postfix, in one run.
+
+    .venv/bin/python tests/bench/bench_qmqp.py [-m 2000] [--rounds 2] [--skip-postfix]
+
+1. Postfix's qmqp-source (1000-byte messages) drives our `smarthost run --qmqp`
+   and a private Postfix whose qmqpd delivers into a Maildir, at concurrency 1,
+   10 and 50, interleaved A B A B (this machine's speed drifts). For each:
+   messages/s durably accepted (qmqp-source's wall time) and messages/s end to
+   end (until every file is in new/), and our/Postfix ratios.
+2. qmail-qmqpc handing one 2 KB message to our server: median wall time of the
+   whole process beside `python3 -c pass`.
+3. A 50 MB message through the pair: peak RSS of qmail-qmqpc and of the server.
+
+Needs root and Debian's postfix package for part 1's peer (`--skip-postfix` runs ours only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, TOP)
+sys.path.insert(0, HERE)
+
+from miniqmail import envelope  # noqa: E402
+from private_postfix import PrivatePostfix, available  # noqa: E402
+from smarthost.init import init  # noqa: E402
+
+BIN = os.path.dirname(sys.executable)
+SOURCE = "/usr/sbin/qmqp-source"
+
+
+def vm_hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, base: str):
+        self.base = base
+        self.n = 0
+
+    def start(self) -> None:
+        self.n += 1
+        self.root = init(os.path.join(self.base, f"root{self.n}"), me="bench.invalid")
+        self.log = open(self.root.sub("bench.log"), "w+")
+        self.proc = subprocess.Popen([os.path.join(BIN, "smarthost"), "run", "--root", self.root.path,
+                                      "--qmqp", "127.0.0.1:0"], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, SMARTHOST_ROOT=self.root.path))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(self.log.name) as f:
+                m = re.search(r"qmqpd: listening on .*:(\d+)\s*$", f.read(), re.M)
+            if m:
+                self.port = int(m.group(1))
+                return
+            time.sleep(0.02)
+        raise SystemExit("our smart host did not start; see " + self.log.name)
+
+    @property
+    def rcpt(self) -> str:
+        return "example@bench.invalid"
+
+    def delivered(self) -> int:
+        return len(os.listdir(self.root.sub("home", "example", "Maildir", "new")))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
+class Postfix:
+    name = "postfix"
+
+    def __init__(self, base: str):
+        self.pf = PrivatePostfix(os.path.join(base, "postfix"), 0)
+        self.base = base
+        self.n = 0
+
+    def start(self) -> None:
+        self.n += 1
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.pf = PrivatePostfix(os.path.join(self.base, f"postfix{self.n}"), port)
+        self.pf.setup()
+        try:
+            self.pf.start()
+        except RuntimeError as e:
+            tail = open(self.pf.log).read()[-2000:] if os.path.exists(self.pf.log) else "(no log)"
+            raise SystemExit(f"{e}\n{tail}") from None
+        self.port = port
+
+    @property
+    def rcpt(self) -> str:
+        return "bench@bench.test"
+
+    def delivered(self) -> int:
+        return self.pf.delivered()
+
+    def stop(self) -> None:
+        self.pf.stop()
+
+
+def drive(server, messages: int, concurrency: int) -> tuple[float, float]:
+    server.start()
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([SOURCE, "-f", "sender@bench.invalid", "-t", server.rcpt, "-l", "1000",
+                        "-m", str(messages), "-s", str(concurrency), f"127.0.0.1:{server.port}"],
+                       check=True, stdout=subprocess.DEVNULL)
+        accepted = messages / (time.perf_counter() - t0)
+        deadline = time.monotonic() + 600
+        while server.delivered() < messages and time.monotonic() < deadline:
+            time.sleep(0.005)
+        e2e = server.delivered() / (time.perf_counter() - t0)
+        return accepted, e2e
+    finally:
+        server.stop()
+
+
+def handoff_times(base: str, runs: int) -> tuple[float, float]:
+    ours = Ours(base)
+    ours.start()
+    try:
+        ctl = os.path.join(base, "client", "control")
+        os.makedirs(ctl, exist_ok=True)
+        with open(os.path.join(ctl, "qmqpservers"), "w") as f:
+            f.write(f"127.0.0.1:{ours.port}\n")
+        env = dict(os.environ, MINIQMAIL_ROOT=os.path.join(base, "client"))
+        msg = b"Subject: 2k\n\n" + b"y" * 2000 + b"\n"
+        env_bytes = envelope.encode("a@bench.invalid", ["example@bench.invalid"])
+        py = os.path.join(BIN, "python")
+        client, bare = [], []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([py, "-c", "pass"], check=True)
+            bare.append(time.perf_counter() - t)
+            rfd, wfd = os.pipe()
+            os.write(wfd, env_bytes)
+            os.close(wfd)
+            t = time.perf_counter()
+            code = subprocess.run([os.path.join(BIN, "qmail-qmqpc")], input=msg, stdout=rfd, env=env).returncode
+            client.append(time.perf_counter() - t)
+            os.close(rfd)
+            assert code == 0, code
+        return statistics.median(client), statistics.median(bare)
+    finally:
+        ours.stop()
+
+
+def big_message(base: str, size: int) -> tuple[int, int]:
+    ours = Ours(base)
+    ours.start()
+    try:
+        ctl = os.path.join(base, "bigclient", "control")
+        os.makedirs(ctl, exist_ok=True)
+        with open(os.path.join(ctl, "qmqpservers"), "w") as f:
+            f.write(f"127.0.0.1:{ours.port}\n")
+        path = os.path.join(base, "big.msg")
+        with open(path, "wb") as f:
+            f.write(b"Subject: big\n\n")
+            line = b"z" * 76 + b"\n"
+            for _ in range(size // len(line)):
+                f.write(line)
+        rfd, wfd = os.pipe()
+        os.write(wfd, envelope.encode("a@bench.invalid", ["example@bench.invalid"]))
+        os.close(wfd)
+        # fed through a pipe, so the client has to spool it rather than map the file
+        with open(path, "rb") as src:
+            p = subprocess.Popen([os.path.join(BIN, "qmail-qmqpc")], stdin=subprocess.PIPE, stdout=rfd,
+                                 env=dict(os.environ, MINIQMAIL_ROOT=os.path.join(base, "bigclient")))
+            shutil.copyfileobj(src, p.stdin, 1 << 20)
+            p.stdin.close()
+            client_peak = 0
+            while p.poll() is None:
+                try:
+                    client_peak = max(client_peak, vm_hwm_kb(p.pid))
+                except OSError:
+                    pass
+                time.sleep(0.01)
+        os.close(rfd)
+        assert p.returncode == 0, p.returncode
+        deadline = time.monotonic() + 120
+        while ours.delivered() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server_peak = vm_hwm_kb(ours.proc.pid)
+        return client_peak, server_peak
+    finally:
+        ours.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", type=int, default=2000, help="messages per run (default 2000)")
+    ap.add_argument("--rounds", type=int, default=2, help="A B rounds per concurrency (default 2)")
+    ap.add_argument("--concurrency", default="1,10,50")
+    ap.add_argument("--skip-postfix", action="store_true")
+    ap.add_argument("--runs", type=int, default=21, help="qmail-qmqpc start-up runs (default 21)")
+    a = ap.parse_args()
+    if not os.path.exists(SOURCE):
+        raise SystemExit(f"{SOURCE} is missing (Debian package postfix)")
+    why = None if not a.skip_postfix else "skipped"
+    if why is None:
+        why = available()
+    os.makedirs(os.path.join(TOP, "var"), exist_ok=True)
+    base = tempfile.mkdtemp(prefix="bench-qmqp-", dir=os.path.join(TOP, "var"))
+    os.chmod(base, 0o755)  # Postfix's own users must reach their directories below it
+    try:
+        servers = [Ours(base)] + ([Postfix(base)] if why is None else [])
+        print(f"{a.m} messages of 1000 bytes per run, {a.rounds} interleaved rounds"
+              + ("" if why is None else f"; Postfix: {why}"))
+        print(f"{'conc':>4}  {'server':8} {'accepted/s':>11} {'end-to-end/s':>13}")
+        for conc in [int(c) for c in a.concurrency.split(",")]:
+            results: dict[str, list[tuple[float, float]]] = {s.name: [] for s in servers}
+            for _ in range(a.rounds):
+                for s in servers:
+                    results[s.name].append(drive(s, a.m, conc))
+            for name, rs in results.items():
+                acc = statistics.mean(r[0] for r in rs)
+                e2e = statistics.mean(r[1] for r in rs)
+                print(f"{conc:>4}  {name:8} {acc:11.0f} {e2e:13.0f}")
+            if "postfix" in results:
+                ours_acc = statistics.mean(r[0] for r in results["ours"])
+                ours_e2e = statistics.mean(r[1] for r in results["ours"])
+                pf_acc = statistics.mean(r[0] for r in results["postfix"])
+                pf_e2e = statistics.mean(r[1] for r in results["postfix"])
+                print(f"{conc:>4}  ratio    {ours_acc / pf_acc:11.2f} {ours_e2e / pf_e2e:13.2f}   (goal >= 1.0)")
+        client, bare = handoff_times(base, a.runs)
+        print(f"qmail-qmqpc, one 2 KB message: median {client * 1000:.1f} ms; python3 -c pass {bare * 1000:.1f} ms;"
+              f" ratio {client / bare:.2f} (goal <= 2.5)")
+        cpeak, speak = big_message(base, 50 * 1000 * 1000)
+        print(f"50 MB message: peak RSS qmail-qmqpc {cpeak / 1024:.1f} MB, server {speak / 1024:.1f} MB (goal < 60 MB each)")
+    finally:
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
