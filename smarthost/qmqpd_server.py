@@ -64,6 +64,11 @@ def _write_batch(sink: QueueSink, batch: list[bytes]) -> None:
         sink.write(piece)
 
 
+def _finish(sink: QueueSink, batch: list[bytes], event: object) -> str:
+    _write_batch(sink, batch)
+    return sink.finish(event)  # type: ignore[arg-type]
+
+
 class QmqpListener:
     """One listening socket with its sessions."""
 
@@ -195,17 +200,20 @@ class QmqpListener:
 
         try:
             event: Event = NEED_DATA
+            batch: list[bytes] = []
             while event is NEED_DATA:
                 wait = min(self.timeout, deadline - loop.time())
                 if wait <= 0:
                     raise asyncio.TimeoutError
                 data = await asyncio.wait_for(loop.sock_recv(conn, CHUNK), wait)
                 event = session.feed(data) if data else session.feed_eof()
-                if chunks:
-                    batch = chunks[:]
-                    chunks.clear()
+                batch = chunks[:]
+                chunks.clear()
+                if batch and event is NEED_DATA:
                     await in_thread(_write_batch, sink, batch)
-            text = str(await in_thread(sink.finish, event))
+                    batch = []
+            # The last data, the commit and its fsyncs: one trip to a worker thread.
+            text = str(await in_thread(_finish, sink, batch, event))
             await asyncio.wait_for(loop.sock_sendall(conn, answer(text)), self.timeout)
             if isinstance(event, Request) and text.startswith("K"):
                 self.log(f"qmqpd: ok {ip} msg {getattr(sink.injected, 'id', '?')} "

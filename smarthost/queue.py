@@ -5,21 +5,24 @@ the inode number N of its mess file; S = N mod split.
 
 State table (what exists for N)                         meaning, and what start-up does
   S1  nothing                                            no message
-  S2  mess/S/N                                           injection under way or died: cleaned
-                                                         once its atime is 36 h old (qmail-clean)
-  S3  mess/S/N + intd/N                                  same; intd/N is removed with mess
-  S4  mess/S/N + todo/N (+ intd/N, maybe stale          queued (committed): preprocessed again
-      info/local/remote from a preprocessing that died)
-  S5  mess/S/N + info/S/N + local/S/N|remote/S/N        preprocessed: delivered, then removed
-      (+ bounce/N)                                       in the order channel, bounce, info, mess
+  S2  mess/S/N (+ intd/N)                                injection under way (its injector holds
+                                                         an flock on mess) or dead: cleanup()
+                                                         removes it once the lock is free
+  S4  mess/S/N + todo/N (+ intd/N; info, channel and    queued (committed): preprocessed again;
+      bounce files of a persist that died)               an envelope cut short by a crash (never
+                                                         acknowledged) is removed instead
+  S5  mess/S/N + info/S/N + local/S/N|remote/S/N        preprocessed and persisted: delivered,
+      (+ bounce/N)                                       then removed in the order bounce,
+                                                         channels, info, mess
 
 Injection order (each step one create, link or unlink):
   create pid/P (O_EXCL) -> N = its inode; link pid/P -> mess/S/N; unlink pid/P;
-  write Received line + message; fsync mess; create intd/N; write envelope; fsync intd;
+  write Received line + message; fsync mess; create intd/N; write envelope;
   fsync mess/S/ (so the name survives); link intd/N -> todo/N  (the commit point);
-  fsync todo/ (so the commit survives); poke lock/trigger.
+  fsync intd/N, fsync todo/ (envelope and link durable; only now is anyone told
+  "queued"); poke lock/trigger.
 The directory fsyncs are coalesced across concurrent injectors (group commit).
-A crash before the todo link leaves S2/S3, which nothing else reads.
+A crash before the todo link leaves S2, which nothing else reads.
 """
 
 from __future__ import annotations
@@ -236,7 +239,8 @@ class Queue:
                 pass
         return n, mess_path, fd
 
-    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes]) -> str:
+    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes],
+                    sync: bool = True) -> str:
         path = self.intd(n)
         data = bytearray(b"u%d\0p%d\0F" % (os.getuid() if uid is None else uid, qp))
         data += sender + b"\0"
@@ -256,7 +260,8 @@ class Queue:
                 raise QueueError(f"unable to create intd/{n}: {e.strerror}", exit_code=QQ.INTD) from None
         try:
             _write_all(fd, bytes(data))
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as e:
             os.close(fd)
             os.unlink(path)
@@ -392,7 +397,7 @@ class Draft:
             os.fsync(self._fd)
         except OSError as e:
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
-        intd_path = q._write_intd(n, uid, qp, sender, rcpts)
+        intd_path = q._write_intd(n, uid, qp, sender, rcpts, sync=False)
         try:
             q._dirsync(os.path.dirname(self.path))
             os.link(intd_path, q.todo(n))
@@ -402,6 +407,24 @@ class Draft:
             except OSError:
                 pass
             raise QueueError(f"unable to link todo/{n}: {e.strerror}", exit_code=QQ.TODO) from None
+        # One fsync makes the envelope and (on a journalling filesystem) the link
+        # durable in one commit; the directory fsync below covers the others.
+        # Until both return nobody has been told "queued": a crash in between can
+        # leave a todo/N with an envelope cut short, which start-up removes as a
+        # never-acknowledged injection (sendqueue.IncompleteTodo).
+        try:
+            fd = os.open(intd_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            for p in (q.todo(n), intd_path):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            raise QueueError(f"unable to sync intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
         self._done = True
         self.close()
         q._dirsync(q.sub("todo"))

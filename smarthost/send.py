@@ -28,7 +28,7 @@ from smarthost.logfmt import safe
 from smarthost.queue import Queue, received_line
 from smarthost.rewrite import Routing
 from smarthost.root import Root
-from smarthost.sendqueue import Message, Rcpt, SendQueue, TodoError
+from smarthost.sendqueue import IncompleteTodo, Message, Rcpt, SendQueue, TodoError
 
 #: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
 SCAN_INTERVAL = 1500
@@ -214,6 +214,9 @@ class Scheduler:
         for n in ids:
             try:
                 out.append((n, self.sq.preprocess(n, routing)))
+            except IncompleteTodo as e:
+                self.sq.discard_incomplete(n)
+                self.log(f"warning: removed todo/{n}: {safe(str(e))}: an injection that never finished")
             except (TodoError, OSError) as e:
                 out.append((n, str(e)))
         return out

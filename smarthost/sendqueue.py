@@ -37,6 +37,11 @@ class TodoError(ValueError):
     """A todo/N that cannot be understood: left in place and retried later."""
 
 
+class IncompleteTodo(TodoError):
+    """An envelope cut short (empty, no final NUL, no sender): a crash hit an
+    injection between its todo link and its fsync, so nobody was told "queued"."""
+
+
 @dataclass(eq=False)
 class Rcpt:
     addr: str
@@ -86,7 +91,7 @@ class Snapshot:
 
 def _records(data: bytes) -> list[bytes]:
     if data and not data.endswith(b"\0"):
-        raise TodoError("truncated record")
+        raise IncompleteTodo("truncated record")
     return data.split(b"\0")[:-1] if data else []
 
 
@@ -141,7 +146,7 @@ class SendQueue:
             elif kind not in (b"u", b"p"):
                 raise TodoError(f"unknown record {rec[:20]!r}")
         if sender is None:
-            raise TodoError("no sender record")
+            raise IncompleteTodo("no sender record")
         try:
             size = os.stat(q.mess(n)).st_size
         except FileNotFoundError:
@@ -156,6 +161,12 @@ class SendQueue:
             if rcpts[chan]:
                 msg.channels[chan] = Channel(chan, rcpts[chan], retry=birth)
         return msg
+
+    def discard_incomplete(self, n: int) -> None:
+        """Remove an injection whose envelope a crash cut short (see IncompleteTodo)."""
+        q = self.q
+        for p in (q.todo(n), q.intd(n), q.mess(n)):
+            _unlink(p)
 
     # -- persisting -----------------------------------------------------------
     def snapshot(self, msg: Message) -> Snapshot:

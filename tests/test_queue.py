@@ -206,3 +206,27 @@ def test_cleanup_spares_a_fresh_pid_file_and_removes_an_old_one(q):
     os.utime(old, (1, 1))
     q.cleanup()
     assert os.path.exists(fresh) and not os.path.exists(old)
+
+
+@pytest.mark.parametrize("envelope_bytes", [b"", b"u0\0p1\0", b"u0\0p1\0Fa@b\0Tc@"])
+def test_envelope_cut_short_by_a_crash_is_removed(root, envelope_bytes):
+    # a crash between the todo link and the envelope's fsync can leave this; the
+    # client was never told "queued", so the entry goes instead of blocking todo/
+    from smarthost.rewrite import Routing
+    from smarthost.sendqueue import IncompleteTodo, SendQueue
+
+    q = Queue(root.queue_dir)
+    d = q.draft()
+    d.write(b"Subject: cut\n")
+    os.fsync(d._fd)
+    n = d.id
+    with open(q.intd(n), "wb") as f:
+        f.write(envelope_bytes)
+    os.link(q.intd(n), q.todo(n))
+    d._done = True
+    d.close()
+    sq = SendQueue(q)
+    with pytest.raises(IncompleteTodo):
+        sq.preprocess(n, Routing.from_control(root.control))
+    sq.discard_incomplete(n)
+    assert q.todo_ids() == [] and q.mess_ids() == [] and os.listdir(q.sub("intd")) == []
