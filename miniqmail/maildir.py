@@ -21,6 +21,7 @@ import socket
 import stat
 import time
 from typing import BinaryIO
+from miniqmail.mailbox_error import MailboxError
 
 CHUNK = 64 * 1024
 CREATE_TRIES = 3
@@ -33,19 +34,8 @@ _NO_LINK = {errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EM
 _NO_DIRSYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
 
 
-class MaildirError(OSError):
+class MaildirError(MailboxError):
     """Delivery into a Maildir failed; nothing was left behind, try again later."""
-
-    def __init__(self, message: str, path: str, err: OSError | None = None):
-        super().__init__(message)
-        self.message = message
-        self.filename = path
-        if err is not None:
-            self.errno = err.errno
-            self.strerror = err.strerror
-
-    def __str__(self) -> str:
-        return self.message  # OSError's own format would put "[Errno N]" first
 
 
 class MaildirMissing(MaildirError):

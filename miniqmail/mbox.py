@@ -20,6 +20,7 @@ import time
 from typing import BinaryIO, Iterator
 
 from miniqmail.datefmt import ctime_gmt
+from miniqmail.mailbox_error import MailboxError
 
 READ_LIMIT = 64 * 1024
 WRITE_BUFFER = 64 * 1024
@@ -28,19 +29,8 @@ LOCK_POLL = 0.1
 _FROM = b"From "
 
 
-class MboxError(OSError):
+class MboxError(MailboxError):
     """Appending to the mbox failed; the file is as it was, try again later."""
-
-    def __init__(self, message: str, path: str, err: OSError | None = None):
-        super().__init__(message)
-        self.message = message
-        self.filename = path
-        if err is not None:
-            self.errno = err.errno
-            self.strerror = err.strerror
-
-    def __str__(self) -> str:
-        return self.message  # OSError's own format would put "[Errno N]" first
 
 
 class MboxOpenError(MboxError):
