@@ -21,6 +21,7 @@ import socket
 import stat
 import time
 from typing import BinaryIO
+
 from miniqmail.mailbox_error import MailboxError
 
 CHUNK = 64 * 1024
