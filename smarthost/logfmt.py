@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import TextIO
+
 
 def safe(text: str | bytes) -> str:
     """Make text safe for one log line the way qmail-send does: LF -> '/', odd bytes -> '_'."""
@@ -16,3 +19,32 @@ def safe(text: str | bytes) -> str:
         else:
             out.append(b)
     return out.decode("ascii")
+
+
+class Log:
+    """One line per event, optionally stamped with the unix time; buffered here and
+    written once per turn of the scheduler's loop (never per line, whatever
+    PYTHONUNBUFFERED says)."""
+
+    def __init__(self, out: TextIO, timestamps: bool = False):
+        self.out = out
+        self.timestamps = timestamps
+        self._lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        if self.timestamps:
+            line = f"{time.time():.6f} {line}"
+        self._lines.append(line)
+        if len(self._lines) >= 1000:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass

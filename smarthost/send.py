@@ -15,19 +15,19 @@ import asyncio
 import heapq
 import os
 import signal
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TextIO
+from typing import Awaitable, Callable
 
 from smarthost import schedule
 from smarthost.bounce import BounceConfig, compose_head, decide
 from smarthost.chain import Chain
-from smarthost.logfmt import safe
+from smarthost.logfmt import Log, safe
 from smarthost.queue import Queue, received_line
 from smarthost.rewrite import Routing
 from smarthost.root import Root
+from smarthost.spawnclient import LocalSpawner
 from smarthost.sendqueue import IncompleteTodo, Message, Rcpt, SendQueue, TodoError
 
 #: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
@@ -67,89 +67,6 @@ class Settings:
                 bouncehost=ctl.line("bouncehost") or me or "bouncehost",
                 doublebounceto=ctl.line("doublebounceto") or "postmaster",
                 doublebouncehost=ctl.line("doublebouncehost") or me or "doublebouncehost"))
-
-
-class Log:
-    """One line per event, optionally stamped with the unix time; buffered here and
-    written once per turn of the scheduler's loop (never per line, whatever
-    PYTHONUNBUFFERED says)."""
-
-    def __init__(self, out: TextIO, timestamps: bool = False):
-        self.out = out
-        self.timestamps = timestamps
-        self._lines: list[str] = []
-
-    def __call__(self, line: str) -> None:
-        if self.timestamps:
-            line = f"{time.time():.6f} {line}"
-        self._lines.append(line)
-        if len(self._lines) >= 1000:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._lines:
-            return
-        text = "\n".join(self._lines) + "\n"
-        self._lines.clear()
-        try:
-            self.out.write(text)
-            self.out.flush()
-        except (OSError, ValueError):
-            pass
-
-
-class LocalSpawner:
-    """The scheduler's end of the pipes to smarthost.lspawn."""
-
-    def __init__(self, root: Root):
-        self.root = root
-        self.proc: asyncio.subprocess.Process | None = None
-        self.waiting: dict[int, asyncio.Future] = {}
-        self._ids = 0
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "smarthost.lspawn", self.root.path,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        hello = await self.proc.stdout.readexactly(1)
-        if hello != b"+":
-            raise RuntimeError("local delivery spawner did not start")
-        asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc
-        while True:
-            try:
-                did = await self.proc.stdout.readuntil(b"\0")
-                report = await self.proc.stdout.readuntil(b"\0")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                break
-            fut = self.waiting.pop(int(did[:-1]), None)
-            if fut and not fut.done():
-                fut.set_result(report[:-1].decode("utf-8", "surrogateescape"))
-        for fut in self.waiting.values():
-            if not fut.done():
-                fut.set_result("ZLocal delivery spawner died. (#4.3.0)")
-        self.waiting.clear()
-
-    async def deliver(self, messid: int, sender: str, recipient: str) -> tuple[str, str]:
-        assert self.proc and self.proc.stdin
-        self._ids += 1
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[self._ids] = fut
-        self.proc.stdin.write(b"%d\0%d\0%s\0%s\0" % (
-            self._ids, messid, sender.encode("utf-8", "surrogateescape"),
-            recipient.encode("utf-8", "surrogateescape")))
-        report = await fut
-        return report[:1] or "Z", report[1:]
-
-    async def stop(self) -> None:
-        if self.proc and self.proc.stdin:
-            self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except asyncio.TimeoutError:
-                self.proc.kill()
 
 
 class Scheduler:

@@ -3,7 +3,6 @@ nullmailer's qmqp protocol helper. Each test skips with its reason when the peer
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time

@@ -3,7 +3,6 @@
 import ast
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.conftest import program

@@ -10,7 +10,6 @@ import pytest
 
 from miniqmail import envelope
 from smarthost.queue import Queue
-from smarthost.users import compile_assign
 from tests.conftest import program, queue_with_program, wait_files
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,7 +120,7 @@ def test_temporary_failure_is_retried_and_permanent_bounces(root, daemon):
     [path] = wait_files(os.path.join(h, "bounces", "new"))
     text = open(path, "rb").read().decode()
     header, body = text.split("\n\n", 1)
-    assert f"Return-Path: <>" in header
+    assert "Return-Path: <>" in header
     assert f"From: MAILER-DAEMON@{ME}" in header and f"To: example-bounces@{ME}" in header
     assert "Subject: failure notice" in header
     paras = body.split("\n\n")
@@ -183,7 +182,7 @@ def test_remote_recipients_are_deferred_never_dropped(root, daemon):
     out = subprocess.run([program("qmail-qread")], env=env, capture_output=True, text=True).stdout
     lines = out.splitlines()
     assert re.match(rf"\d+ \w+ \d{{4}} \d\d:\d\d:\d\d GMT  #{n}  \d+  <s@x> $", lines[0])
-    assert f"\tremote\tsomeone@far.example" in lines
+    assert "\tremote\tsomeone@far.example" in lines
     stat = subprocess.run([program("qmail-qstat")], env=env, capture_output=True, text=True).stdout
     assert stat == "messages in queue: 1\nmessages in queue but not yet preprocessed: 0\n"
 
