@@ -49,3 +49,16 @@ def test_bad_argument_writes_nothing(tmp_path, args):
     assert control(tmp_path, "me") == "old.example\n"
     assert control(tmp_path, "qmqpservers") == "192.0.2.1\n"
     assert not [n for n in os.listdir(tmp_path / "mini" / "control") if n.startswith(".")]
+
+
+def test_smarthost_root_gets_an_allow_rule(tmp_path):
+    from smarthost.init import init
+
+    sh = init(str(tmp_path / "sh"), me="mx.example.com")
+    p = run(tmp_path, "--smarthost-root", sh.path, "mx.example.com", "example.com", "example.com",
+            "ws1.example.com", "127.0.0.1:628")
+    assert p.returncode == 0, p.stderr
+    assert "allowed 127.0.0.1" in p.stdout
+    rules = (tmp_path / "sh" / "rules" / "qmqp.rules").read_text()
+    assert "127.0.0.1:allow" in rules.splitlines()
+    assert (tmp_path / "sh" / "rules" / "qmqp.cdb").exists()
