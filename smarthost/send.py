@@ -38,12 +38,14 @@ SYSTEM_RETRY = 123
 DURABLE_DELAY = 0.5
 LIFETIME_TEXT = "I'm not going to try again; this message has been in the queue too long."
 
-RemoteDelivery = Callable[[Message, str, str], Awaitable[tuple[str, str]]]
+#: (message, recipients of one domain, path of the mess file) -> one (letter, text) per recipient
+RemoteDelivery = Callable[[Message, list[str], str], Awaitable[list[tuple[str, str]]]]
 
 
-async def remote_unavailable(msg: Message, recipient: str, messpath: str) -> tuple[str, str]:
-    """The remote channel until a relay is configured: defer, keep the message."""
-    return "Z", "Remote delivery is not configured on this host yet; the message stays queued. (#4.3.0)"
+async def remote_unavailable(msg: Message, recipients: list[str], messpath: str) -> list[tuple[str, str]]:
+    """The remote channel when no relay is configured: defer, keep the message."""
+    text = "Remote delivery is not configured on this host yet; the message stays queued. (#4.3.0)"
+    return [("Z", text)] * len(recipients)
 
 
 @dataclass(frozen=True)
@@ -217,49 +219,69 @@ class Scheduler:
             expired = schedule.expired(msg.birth, now, self.settings.lifetime)
             self.passes[(n, chan)] = (schedule.next_retry(msg.birth, now, chan), expired)
             pending = ch.pending
-            for rcpt in pending:
-                self.ready[chan].append((msg, chan, rcpt))
+            if chan == "remote":
+                # One transaction per destination domain (beyond qmail's one per recipient).
+                groups: dict[str, list[Rcpt]] = {}
+                for rcpt in pending:
+                    groups.setdefault(rcpt.addr.rpartition("@")[2].lower(), []).append(rcpt)
+                for group in groups.values():
+                    self.ready[chan].append((msg, chan, group))
+            else:
+                for rcpt in pending:
+                    self.ready[chan].append((msg, chan, [rcpt]))
             ch.busy = len(pending)
         for chan in ("local", "remote"):
             limit = self.settings.concurrency[chan]
             while self.ready[chan] and self.running[chan] < limit and not self.stopping:
-                msg, chan_, rcpt = self.ready[chan].popleft()
+                msg, chan_, rcpts = self.ready[chan].popleft()
                 self.running[chan] += 1
-                self.delivery_no += 1
-                self.spawn(self.run_delivery(self.delivery_no, msg, chan, rcpt))
+                self.spawn(self.run_delivery(msg, chan, rcpts))
 
-    async def run_delivery(self, d: int, msg: Message, chan: str, rcpt: Rcpt) -> None:
-        addr = rcpt.addr
-        self.log(f"starting delivery {d}: msg {msg.id} to {chan} {safe(addr)}")
+    async def run_delivery(self, msg: Message, chan: str, rcpts: list[Rcpt]) -> None:
+        """One delivery slot: a local recipient, or a remote destination's recipients."""
+        numbers = []
+        for rcpt in rcpts:  # each recipient keeps its own delivery number and log lines
+            self.delivery_no += 1
+            numbers.append(self.delivery_no)
+            self.log(f"starting delivery {self.delivery_no}: msg {msg.id} to {chan} {safe(rcpt.addr)}")
         self.status()
+        results: list[tuple[str, str]]
         try:
             if chan == "local":
-                letter, text = await self.local.deliver(msg.id, msg.sender, addr)
+                results = [await self.local.deliver(msg.id, msg.sender, rcpts[0].addr)]
             else:
-                letter, text = await self.remote(msg, addr, self.queue.mess(msg.id))
+                results = list(await self.remote(msg, [r.addr for r in rcpts], self.queue.mess(msg.id)))
+            if len(results) != len(rcpts):
+                raise ValueError("one report per recipient")
         except Exception as e:  # a delivery's edge: defer, keep the message
-            letter, text = "Z", f"Delivery trouble: {type(e).__name__}. (#4.3.0)"
+            results = [("Z", f"Delivery trouble: {type(e).__name__}. (#4.3.0)")] * len(rcpts)
         self.running[chan] -= 1
         next_retry, expired = self.passes.get((msg.id, chan), (0.0, False))
-        if letter not in "KZD" or not letter:
+        ch = msg.channels[chan]
+        for d, rcpt, (letter, text) in zip(numbers, rcpts, results):
+            self.record(d, msg, chan, rcpt, letter, text, expired)
+        ch.busy -= len(rcpts)
+        self.status()
+        if ch.busy == 0:
+            self.end_pass(msg, chan, next_retry)
+        self.poke()
+
+    def record(self, d: int, msg: Message, chan: str, rcpt: Rcpt, letter: str, text: str,
+               expired: bool) -> None:
+        """Log one recipient's outcome and keep it: done, bounced, or still to do."""
+        if not letter or letter not in "KZD":
             letter, text = "Z", "Report mangled, will defer. (#4.3.0)"
         if letter == "Z" and expired:
             letter, text = "D", text.rstrip("\n") + "\n" + LIFETIME_TEXT
-        ch = msg.channels[chan]
         kind = {"K": "success", "Z": "deferral", "D": "failure"}[letter]
         self.log(f"delivery {d}: {kind}: {safe(text)}")
         try:
             if letter in "KD":
                 if letter == "D":
-                    self.sq.add_bounce(msg, self.settings.routing.unprepend(addr), text)
+                    self.sq.add_bounce(msg, self.settings.routing.unprepend(rcpt.addr), text)
                 self.sq.mark_done(msg, chan, rcpt)
         except OSError as e:
             self.log(f"warning: trouble marking msg {msg.id}: {safe(e.strerror or str(e))}")
-        ch.busy -= 1
-        self.status()
-        if ch.busy == 0:
-            self.end_pass(msg, chan, next_retry)
-        self.poke()
 
     def end_pass(self, msg: Message, chan: str, next_retry: float) -> None:
         self.passes.pop((msg.id, chan), None)

@@ -1,0 +1,44 @@
+"""The scheduler's remote channel: recipients grouped per domain, one report each."""
+
+import asyncio
+import io
+
+import pytest
+
+from smarthost.logfmt import Log
+from smarthost.queue import Queue
+from smarthost.send import Scheduler
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_remote_recipients_go_one_transaction_per_domain(root):
+    calls = []
+    out = io.StringIO()
+
+    async def remote(msg, recipients, messpath):
+        calls.append(sorted(recipients))
+        # a per-recipient verdict, as a relay gives it
+        return [("D", "Remote host said: 550 no such user (#5.1.1)") if r.startswith("c@")
+                else ("K", "127.0.0.2 accepted message.") for r in recipients]
+
+    q = Queue(root.queue_dir)
+    n = q.inject(b"Subject: grouped\n\nx\n", "", ["a@x.example", "b@X.EXAMPLE", "c@y.example", "d@y.example"]).id
+
+    async def main():
+        sched = Scheduler(root, Log(out), remote=remote)
+        task = asyncio.create_task(sched.run())
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            sched.log.flush()
+            if f"end msg {n}" in out.getvalue():
+                break
+        sched.on_term()
+        await task
+
+    asyncio.run(main())
+    log = out.getvalue()
+    assert sorted(calls) == [["a@x.example", "b@X.EXAMPLE"], ["c@y.example", "d@y.example"]]
+    assert log.count(" to remote ") == 4
+    assert log.count(": success: ") == 3 and log.count(": failure: ") == 1
+    assert f"end msg {n}" in log
