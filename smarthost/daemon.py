@@ -1,8 +1,11 @@
-"""`smarthost run`: qmail-send's scheduler and the QMQP listeners (qmail-qmqpd under tcpserver) in one loop.
+"""`smarthost run`: qmail-send's scheduler and the QMQP listeners (qmail-qmqpd under tcpserver).
 
-The listeners start first, so a port that cannot be bound stops the daemon
+The QMQP ports are bound first, so a port that cannot be bound stops the daemon
 before anything else runs; each logs `qmqpd: listening on ADDR:PORT` with the
-port actually bound. SIGTERM (handled by the scheduler) closes the listeners at
+port actually bound. Like tcpserver's children, several processes accept on the
+same sockets (one per core by default: one Python process cannot use two); the
+first also runs the scheduler, and the others only inject into the queue and
+poke its trigger. SIGTERM (handled by the scheduler) closes the listeners at
 once, lets the deliveries under way finish, then gives QMQP sessions under way
 a few seconds to end before cutting them off: a message not yet acknowledged
 is not queued, and its client tries again.
@@ -12,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import signal
 from typing import Iterable
 
 from smarthost.qmqpd_server import QmqpListener
 from smarthost.root import Root
-from smarthost.send import Log, Scheduler
+from smarthost.logfmt import Log
+from smarthost.send import Scheduler
 
 #: seconds QMQP sessions under way get after SIGTERM
 STOP_GRACE = 5.0
@@ -39,27 +45,93 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def serve(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = ()) -> None:
-    """Run until SIGTERM: the listeners for `qmqp` addresses, and the scheduler."""
+async def serve(root: Root, log: Log, listeners: list[QmqpListener], workers: list[int]) -> None:
+    """Run until SIGTERM: the scheduler, and the listeners' share of the connections."""
+    scheduler = Scheduler(root, log)
+
+    def stop_workers() -> None:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    try:
+        for listener in listeners:
+            await listener.start()
+            scheduler.on_stop.append(listener.close)
+        scheduler.on_stop.append(stop_workers)
+        await scheduler.run()
+    finally:
+        for listener in listeners:
+            await listener.wait_closed(STOP_GRACE)
+        stop_workers()
+        for pid in workers:
+            await asyncio.to_thread(_reap, pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+async def worker(listeners: list[QmqpListener]) -> None:
+    """A worker process: the same listening sockets, its own event loop, no scheduler."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for listener in listeners:
+        await listener.start()
+    parent = os.getppid()
+    while not stop.is_set():
+        # A daemon killed outright leaves no one to send SIGTERM: notice, and go.
+        if os.getppid() != parent:
+            break
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+    for listener in listeners:
+        await listener.wait_closed(STOP_GRACE)
+
+
+def default_workers() -> int:
+    """One QMQP process per core (at most 4): one interpreter cannot use two."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int | None = None) -> None:
+    """Bind the QMQP ports, fork the extra QMQP worker processes, then run the scheduler."""
     def say(line: str) -> None:
         # Listener lines go out at once, not with the scheduler's next turn.
         log(line)
         log.flush()
 
-    scheduler = Scheduler(root, log)
-    listeners: list[QmqpListener] = []
-    try:
-        for host, port in qmqp:
-            listener = QmqpListener(root, host, port, log=say)
-            await listener.start()
-            listeners.append(listener)
-            scheduler.on_stop.append(listener.close)
-            say(f"qmqpd: listening on {listener.address}")
-        await scheduler.run()
-    finally:
-        for listener in listeners:
-            await listener.wait_closed(STOP_GRACE)
-
-
-def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = ()) -> None:
-    asyncio.run(serve(root, log, list(qmqp)))
+    addrs = list(qmqp)
+    n = (workers or default_workers()) if addrs else 1
+    listeners = []
+    for host, port in addrs:
+        # The limit is the daemon's: each process takes its share.
+        listener = QmqpListener(root, host, port, log=say)
+        listener.concurrency = max(1, -(-listener.concurrency // n))
+        listener.bind()
+        listeners.append(listener)
+    pids = []
+    for _ in range(n - 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                asyncio.run(worker(listeners))
+            except BaseException:
+                code = 111
+            finally:
+                log.flush()
+                os._exit(code)
+        pids.append(pid)
+    for listener in listeners:
+        say(f"qmqpd: listening on {listener.address}")
+    asyncio.run(serve(root, log, listeners, pids))

@@ -95,8 +95,14 @@ class QmqpListener:
     def address(self) -> str:
         return format_address(self.host, self.port)
 
-    async def start(self) -> None:
-        """Bind and listen (port 0 picks a free port; `port` then says which)."""
+    def bind(self) -> None:
+        """Bind and listen now (port 0 picks a free port; `port` then says which).
+
+        Separate from start() so a daemon can bind before it forks workers that
+        share the socket, as tcpserver's children share its.
+        """
+        if self._sock is not None:
+            return
         family = socket.AF_INET6 if ipaddress.ip_address(self.host).version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -109,6 +115,10 @@ class QmqpListener:
             raise
         self._sock = sock
         self.port = sock.getsockname()[1]
+
+    async def start(self) -> None:
+        """Bind (unless bind() did already) and start accepting."""
+        self.bind()
         self._slots = asyncio.Semaphore(self.concurrency)
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
 

@@ -47,10 +47,12 @@ def _listen(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 @click.option("--timestamps", is_flag=True, help="Start each log line with the unix time.")
 @click.option("--qmqp", "qmqp", multiple=True, metavar="ADDR:PORT", callback=_listen,
               help="Listen for QMQP there ([::1]:PORT for IPv6; port 0 picks one). Repeatable.")
-def run(root_path: str | None, timestamps: bool, qmqp: list[tuple[str, int]]) -> None:
+@click.option("--qmqp-workers", "workers", type=click.IntRange(1, 64), default=None,
+              help="Processes accepting QMQP (default: one per core, at most 4).")
+def run(root_path: str | None, timestamps: bool, qmqp: list[tuple[str, int]], workers: int | None) -> None:
     """Run the scheduler and the QMQP listeners until SIGTERM."""
     from smarthost.daemon import run as run_daemon
-    from smarthost.send import Log
+    from smarthost.logfmt import Log
 
     root = Root(os.path.abspath(root_path or default_root()))
     if not os.path.isdir(root.queue_dir):
@@ -65,7 +67,7 @@ def run(root_path: str | None, timestamps: bool, qmqp: list[tuple[str, int]]) ->
     os.environ["SMARTHOST_ROOT"] = root.path
     log = Log(sys.stdout, timestamps)
     try:
-        run_daemon(root, log, qmqp)
+        run_daemon(root, log, qmqp, workers)
     except OSError as e:
         raise click.ClickException(f"alert: cannot start: {e}") from None
 
