@@ -22,7 +22,9 @@ from typing import Iterable
 from smarthost.qmqpd_server import QmqpListener
 from smarthost.root import Root
 from smarthost.logfmt import Log
+from smarthost.remote import RemoteDelivery
 from smarthost.send import Scheduler
+from smarthost.sendqueue import Message
 
 #: seconds QMQP sessions under way get after SIGTERM
 STOP_GRACE = 5.0
@@ -47,7 +49,12 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 async def serve(root: Root, log: Log, listeners: list[QmqpListener], workers: list[int]) -> None:
     """Run until SIGTERM: the scheduler, and the listeners' share of the connections."""
-    scheduler = Scheduler(root, log)
+    relay = RemoteDelivery(root, log)
+
+    async def remote(msg: Message, recipients: list[str], messpath: str) -> list[tuple[str, str]]:
+        return await relay.deliver(msg.sender, recipients, messpath)
+
+    scheduler = Scheduler(root, log, remote=remote)
 
     def stop_workers() -> None:
         for pid in workers:

@@ -19,11 +19,25 @@ def program(name: str) -> str:
     return str(BIN / name)
 
 
+def closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def root(tmp_path):
+    """A user-mode smart-host root. Remote mail is routed to a closed port on
+    127.0.0.1, so nothing ever looks up or reaches a host outside this machine."""
     from smarthost.init import init
 
-    return init(str(tmp_path / "root"), me="mx.test.invalid")
+    r = init(str(tmp_path / "root"), me="mx.test.invalid")
+    with open(os.path.join(r.control_dir, "smtproutes"), "w") as f:
+        f.write(":127.0.0.1\n")
+    with open(os.path.join(r.control_dir, "smtpport"), "w") as f:
+        f.write(f"{closed_port()}\n")
+    return r
 
 
 def queue_with_program(root, message: bytes, env_bytes: bytes | None, extra_env=None):

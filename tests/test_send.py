@@ -176,7 +176,7 @@ def test_remote_recipients_are_deferred_never_dropped(root, daemon):
     d = daemon()
     n = Queue(root.queue_dir).inject(msg("far"), "s@x", ["someone@far.example", f"example@{ME}"]).id
     d.wait_log("to remote someone@far.example")
-    d.wait_log("deferral: Remote_delivery_is_not_configured")
+    d.wait_log("deferral: Sorry,_I_wasn't_able_to_establish_an_SMTP_connection")
     d.wait_log(lambda s: "success" in s)
     env = dict(os.environ, SMARTHOST_ROOT=root.path)
     out = subprocess.run([program("qmail-qread")], env=env, capture_output=True, text=True).stdout
@@ -239,7 +239,7 @@ def test_queuelifetime_turns_the_last_deferral_into_a_bounce(root, daemon):
     time.sleep(1.1)  # birth and the first pass must differ by a second for "older than 0 s"
     q = Queue(root.queue_dir)
     q.inject(msg("old"), f"example-bounces@{ME}", ["far@remote.example"])
-    d.wait_log("delivery 1: failure: Remote_delivery_is_not_configured")
+    d.wait_log("delivery 1: failure: ")
     [path] = wait_files(os.path.join(home(root), "bounces", "new"))
     text = open(path, "rb").read().decode()
     assert "<far@remote.example>:" in text and "in the queue too long" in text
