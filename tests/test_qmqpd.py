@@ -485,8 +485,9 @@ def test_ipv6_listener(root):
 
 # -- `smarthost run --qmqp`, end to end ----------------------------------------------
 
-def start_daemon(root, *listen_args):
-    d = Daemon(root, [a for x in listen_args for a in ("--qmqp", x)])
+def start_daemon(root, *listen_args, workers=None):
+    extra = ["--qmqp-workers", str(workers)] if workers else []
+    d = Daemon(root, [a for x in listen_args for a in ("--qmqp", x)] + extra)
     ports = []
     for i in range(len(listen_args)):
         d.wait_log(lambda s, i=i: s.startswith("qmqpd: listening on") and d.count("qmqpd: listening on") > i)
@@ -522,7 +523,8 @@ def test_daemon_delivers_a_qmqp_message_to_a_maildir(root):
 
 
 def test_daemon_memory_stays_flat_for_a_50mb_message(root):
-    d, [port] = start_daemon(root, "127.0.0.1:0")
+    # one QMQP process, so every session below is served by the process measured
+    d, [port] = start_daemon(root, "127.0.0.1:0", workers=1)
     try:
         assert client("127.0.0.1", port, req(b"warm up\n")).startswith(b"Kok ")
         wait_files(root.sub("home", "example", "Maildir", "new"))
@@ -580,3 +582,15 @@ def test_daemon_term_with_a_session_under_way(root):
         s.close()
         d.stop()
     assert queued(root)[1] == []
+
+
+def test_worker_processes_share_the_port_and_stop_with_the_daemon(root):
+    d, [port] = start_daemon(root, "127.0.0.1:0", workers=3)
+    children = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 3  # two QMQP workers and the delivery spawner
+    for i in range(12):
+        assert client("127.0.0.1", port, req(b"via a worker %d\n" % i)).startswith(b"Kok ")
+    wait_files(root.sub("home", "example", "Maildir", "new"), 12)
+    assert d.stop() == 0
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/status").read().find("State:\tZ") >= 0
