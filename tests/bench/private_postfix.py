@@ -102,3 +102,11 @@ class PrivatePostfix:
             for _, _, files in os.walk(os.path.join(self.queue, sub)):
                 n += len(files)
         return n
+
+    def queued(self) -> int:
+        """Messages still in Postfix's queue."""
+        n = 0
+        for sub in ("incoming", "active", "deferred", "hold", "maildrop"):
+            for _, _, files in os.walk(os.path.join(self.queue, sub)):
+                n += len(files)
+        return n
