@@ -31,6 +31,7 @@ import _thread
 import errno
 import fcntl
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
@@ -44,6 +45,30 @@ SPLIT_DEFAULT = 23
 #: a pid/ file older than this belongs to an injector that died.
 PID_STALE_AGE = 60
 CHUNK = 65536
+
+
+FSYNC_COVERS_LINKS = frozenset({"ext3", "ext4", "xfs", "btrfs"})
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding `path`, from /proc/self/mounts ('' if unknown)."""
+    try:
+        real = os.path.realpath(path if os.path.exists(path) else os.path.dirname(path) or ".")
+        with open("/proc/self/mounts") as f:
+            mounts = f.read().splitlines()
+    except OSError:
+        return ""
+    best, kind = -1, ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # mount points escape blanks and backslashes as octal (\040)
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:
+            best, kind = len(point), fields[2]
+    return kind
 
 
 class QueueError(TemporaryError):
@@ -117,6 +142,11 @@ class Queue:
     """One queue directory with qmail's layout."""
 
     def __init__(self, path: str, split: int = SPLIT_DEFAULT):
+        #: On these filesystems fsync(2) of a file also commits the links made to it
+        #: before (a link changes the inode), so the directory fsyncs are redundant;
+        #: a busy scheduler unlinking in the same directories would otherwise turn
+        #: each of them into a journal commit of its own.
+        self.file_fsync_covers_links = filesystem_type(path) in FSYNC_COVERS_LINKS
         self.path = path
         self.split = split
         self._dirsyncs: dict[str, DirSync] = {}
@@ -399,7 +429,8 @@ class Draft:
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
         intd_path = q._write_intd(n, uid, qp, sender, rcpts, sync=False)
         try:
-            q._dirsync(os.path.dirname(self.path))
+            if not q.file_fsync_covers_links:
+                q._dirsync(os.path.dirname(self.path))
             os.link(intd_path, q.todo(n))
         except OSError as e:
             try:
@@ -408,7 +439,7 @@ class Draft:
                 pass
             raise QueueError(f"unable to link todo/{n}: {e.strerror}", exit_code=QQ.TODO) from None
         # One fsync makes the envelope and (on a journalling filesystem) the link
-        # durable in one commit; the directory fsync below covers the others.
+        # durable in one commit; elsewhere the directory fsync below does it.
         # Until both return nobody has been told "queued": a crash in between can
         # leave a todo/N with an envelope cut short, which start-up removes as a
         # never-acknowledged injection (sendqueue.IncompleteTodo).
@@ -427,7 +458,8 @@ class Draft:
             raise QueueError(f"unable to sync intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
         self._done = True
         self.close()
-        q._dirsync(q.sub("todo"))
+        if not q.file_fsync_covers_links:
+            q._dirsync(q.sub("todo"))
         if trigger:
             q.poke()
         return Injected(n, qp)

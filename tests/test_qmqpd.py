@@ -545,7 +545,8 @@ def test_daemon_memory_stays_flat_for_a_50mb_message(root):
         grown = vm_hwm_kb(d.proc.pid) - before
         for junk in (b"999999999:" + b"j" * 100000, b"200000000:" + b"j" * 100000):
             assert client("127.0.0.1", port, junk) is None
-        assert vm_hwm_kb(d.proc.pid) - before == grown
+        # huge declared lengths allocate nothing (a few kB of ordinary churn aside)
+        assert vm_hwm_kb(d.proc.pid) - before <= grown + 1024
     finally:
         d.stop()
     print(f"peak RSS grew {grown} kB")

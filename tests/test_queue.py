@@ -230,3 +230,13 @@ def test_envelope_cut_short_by_a_crash_is_removed(root, envelope_bytes):
         sq.preprocess(n, Routing.from_control(root.control))
     sq.discard_incomplete(n)
     assert q.todo_ids() == [] and q.mess_ids() == [] and os.listdir(q.sub("intd")) == []
+
+
+def test_filesystem_type_reads_the_mount_table(tmp_path):
+    from smarthost.queue import FSYNC_COVERS_LINKS, filesystem_type
+
+    assert filesystem_type("/proc/self") == "proc"
+    kind = filesystem_type(str(tmp_path))
+    assert kind  # some type, whatever /tmp is here
+    q = Queue(str(tmp_path / "queue"))
+    assert q.file_fsync_covers_links == (kind in FSYNC_COVERS_LINKS)
