@@ -21,7 +21,8 @@ Injection order (each step one create, link or unlink):
   fsync mess/S/ (so the name survives); link intd/N -> todo/N  (the commit point);
   fsync intd/N, fsync todo/ (envelope and link durable; only now is anyone told
   "queued"); poke lock/trigger.
-The directory fsyncs are coalesced across concurrent injectors (group commit).
+The directory fsyncs are coalesced across concurrent injectors (group commit),
+and skipped where a file's fsync already commits its links (FSYNC_COVERS_LINKS).
 A crash before the todo link leaves S2, which nothing else reads.
 """
 
