@@ -90,6 +90,9 @@ async def worker(listeners: list[QmqpListener]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGHUP, signal.SIGALRM):
+        # the scheduler's signals; sent to the whole process group they must not kill us
+        loop.add_signal_handler(sig, lambda: None)
     for listener in listeners:
         await listener.start()
     parent = os.getppid()

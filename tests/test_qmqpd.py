@@ -595,3 +595,23 @@ def test_worker_processes_share_the_port_and_stop_with_the_daemon(root):
     assert d.stop() == 0
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/status").read().find("State:\tZ") >= 0
+
+
+def test_workers_survive_hup_and_alrm_sent_to_the_process_group(root):
+    import signal as _signal
+
+    d, [port] = start_daemon(root, "127.0.0.1:0", workers=2)
+    try:
+        workers = subprocess.run(["pgrep", "-P", str(d.proc.pid), "-f", "smarthost run"],
+                                 capture_output=True, text=True).stdout.split()
+        assert workers
+        for pid in workers:
+            os.kill(int(pid), _signal.SIGHUP)
+            os.kill(int(pid), _signal.SIGALRM)
+        time.sleep(0.3)
+        for pid in workers:
+            assert os.path.exists(f"/proc/{pid}") and "State:\tZ" not in open(f"/proc/{pid}/status").read()
+        for i in range(6):
+            assert client("127.0.0.1", port, req(b"after hup %d\n" % i)).startswith(b"Kok ")
+    finally:
+        assert d.stop() == 0
