@@ -32,6 +32,8 @@ from smarthost.sendqueue import IncompleteTodo, Message, Rcpt, SendQueue, TodoEr
 
 #: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
 SCAN_INTERVAL = 1500
+#: leftovers of injections that died are swept this often (qmail-send: 76431 s).
+CLEANUP_INTERVAL = 76431
 #: retry after a system error (qmail: 123 s).
 SYSTEM_RETRY = 123
 #: messages preprocessed without fsync are made durable within this many seconds.
@@ -92,6 +94,7 @@ class Scheduler:
         self.scan_wanted = True
         self.stopping = False
         self.tasks: set[asyncio.Task] = set()
+        self.cleanup_interval = CLEANUP_INTERVAL
         #: called once when SIGTERM arrives (the daemon closes its listeners there)
         self.on_stop: list[Callable[[], None]] = []
 
@@ -333,6 +336,16 @@ class Scheduler:
                                      received=received_line("for bounce"), trigger=True)
         return done.qp
 
+    async def cleanup(self) -> None:
+        """qmail-clean's periodic sweep, in a worker thread."""
+        try:
+            removed = await asyncio.to_thread(self.queue.cleanup)
+        except OSError as e:
+            self.log(f"warning: trouble cleaning the queue: {safe(str(e))}")
+            return
+        for n in removed:
+            self.log(f"warning: removed mess/{n % self.queue.split}/{n}: an injection that never finished")
+
     # -- signals -----------------------------------------------------------------
     def on_alarm(self) -> None:
         now = time.time()
@@ -375,9 +388,13 @@ class Scheduler:
         self.load_existing()
         self.status()
         last_scan = 0.0
+        last_cleanup = time.time()  # load_existing() just swept
         try:
             while True:
                 now = time.time()
+                if now - last_cleanup >= self.cleanup_interval and not self.stopping:
+                    last_cleanup = now
+                    self.spawn(self.cleanup())
                 if self.stopping:
                     if not any(self.running.values()):
                         break
@@ -388,7 +405,7 @@ class Scheduler:
                     now = time.time()
                 self.start_due(now)
                 self.log.flush()
-                delay = SCAN_INTERVAL
+                delay = min(SCAN_INTERVAL, self.cleanup_interval)
                 if self.due:
                     delay = max(0.0, min(delay, self.due[0][0] - now))
                 self.wake.clear()
