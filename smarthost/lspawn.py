@@ -29,6 +29,8 @@ REPORT_MAX = 3000
 #: qmail-local's own suicide alarm.
 DEATH = 86400
 TEMP_CODES = (111, 71, 74, 75)
+#: deliveries into a scratch Maildir before the first fork (see Spawner.warm_up)
+WARM_UP_ROUNDS = 20
 
 
 def letter_for(code: int) -> str:
@@ -111,10 +113,45 @@ class Spawner:
             finally:
                 os._exit(0)
 
+    def warm_up(self, rounds: int = WARM_UP_ROUNDS) -> None:
+        """Deliver a few messages into a scratch Maildir before the first fork.
+
+        The interpreter specialises bytecode and fills caches the first times code
+        runs; done here, once, children inherit the result instead of each writing
+        (and so copying) those pages again. Failures here change nothing.
+        """
+        import shutil
+
+        scratch = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"smarthost-warm-up.{os.getpid()}")
+        try:
+            os.mkdir(scratch, 0o700)
+            local_maildir = os.path.join(scratch, "Maildir")
+            for sub in ("", "tmp", "new", "cur"):
+                os.makedirs(os.path.join(local_maildir, sub), mode=0o700, exist_ok=True)
+            path = os.path.join(scratch, "message")
+            with open(path, "wb") as f:
+                f.write(b"Received: (warm-up)\nSubject: warm-up\n\nwarm-up\n")
+            req = local.LocalRequest(user="warm-up", uid=os.getuid(), gid=os.getgid(), home=scratch,
+                                     local="warm-up", dash="", ext="", domain="warm-up.invalid",
+                                     sender="warm-up@warm-up.invalid", defaultdelivery="./Maildir/",
+                                     env=self.env)
+            for _ in range(rounds):
+                try:
+                    users.resolve(self.root.path, "warm-up", system_mode=self.system_mode)
+                except Exception:
+                    pass
+                with open(path, "rb") as message:
+                    local.deliver(req, message, self.inject_forward(os.getuid()))
+        except OSError:
+            pass
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
     def serve(self, cmd_in: int, out: int) -> None:
         # Children would otherwise copy every page the collector touches: keep
         # what is loaded now out of its sight, and let children skip it entirely.
         users.preload(self.root.path)
+        self.warm_up()
         gc.collect()
         gc.freeze()
         sel = selectors.DefaultSelector()
