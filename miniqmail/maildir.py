@@ -23,6 +23,7 @@ import time
 from typing import BinaryIO
 
 from miniqmail.mailbox_error import MailboxError
+from miniqmail.fdio import why, write_all
 
 CHUNK = 64 * 1024
 CREATE_TRIES = 3
@@ -47,10 +48,6 @@ class MaildirReadError(MaildirError):
     """The message being delivered could not be read."""
 
 
-def _why(err: OSError) -> str:
-    return err.strerror or str(err)
-
-
 def _host() -> str:
     host = socket.gethostname() or "localhost"
     return host.replace("/", "\\057").replace(":", "\\072")
@@ -73,9 +70,9 @@ def _check_dir(maildir: str) -> None:
     try:
         st = os.stat(maildir)
     except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        raise MaildirMissing(f"maildir not found: {maildir}: {_why(e)}", maildir, e) from None
+        raise MaildirMissing(f"maildir not found: {maildir}: {why(e)}", maildir, e) from None
     except OSError as e:
-        raise MaildirError(f"unable to stat maildir {maildir}: {_why(e)}", maildir, e) from None
+        raise MaildirError(f"unable to stat maildir {maildir}: {why(e)}", maildir, e) from None
     if not stat.S_ISDIR(st.st_mode):
         raise MaildirMissing(f"maildir not found: {maildir}: not a directory", maildir)
 
@@ -91,14 +88,8 @@ def _create_tmp(maildir: str) -> tuple[str, str, int]:
             if attempt == CREATE_TRIES - 1:
                 raise MaildirError(f"unable to create a unique name in {maildir}/tmp", tmp, e) from None
         except OSError as e:
-            raise MaildirError(f"unable to create {tmp}: {_why(e)}", tmp, e) from None
+            raise MaildirError(f"unable to create {tmp}: {why(e)}", tmp, e) from None
     raise AssertionError("unreachable")
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _sendfile(fd: int, source: BinaryIO) -> bool:
@@ -130,21 +121,21 @@ def _sendfile(fd: int, source: BinaryIO) -> bool:
 def _copy(fd: int, tmp: str, source: BinaryIO, prefix: bytes) -> None:
     try:
         if prefix:
-            _write_all(fd, prefix)
+            write_all(fd, prefix)
         if not _sendfile(fd, source):
             while True:
                 try:
                     chunk = source.read(CHUNK)
                 except OSError as e:
-                    raise MaildirReadError(f"unable to read message: {_why(e)}", tmp, e) from None
+                    raise MaildirReadError(f"unable to read message: {why(e)}", tmp, e) from None
                 if not chunk:
                     break
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
         os.fsync(fd)
     except MaildirError:
         raise
     except OSError as e:
-        raise MaildirError(f"unable to write {tmp}: {_why(e)}", tmp, e) from None
+        raise MaildirError(f"unable to write {tmp}: {why(e)}", tmp, e) from None
 
 
 def _publish(tmp: str, new: str) -> None:
@@ -152,11 +143,11 @@ def _publish(tmp: str, new: str) -> None:
         os.link(tmp, new)
     except OSError as e:
         if e.errno not in _NO_LINK:
-            raise MaildirError(f"unable to link {tmp} to {new}: {_why(e)}", new, e) from None
+            raise MaildirError(f"unable to link {tmp} to {new}: {why(e)}", new, e) from None
         try:
             os.rename(tmp, new)
         except OSError as e2:
-            raise MaildirError(f"unable to rename {tmp} to {new}: {_why(e2)}", new, e2) from None
+            raise MaildirError(f"unable to rename {tmp} to {new}: {why(e2)}", new, e2) from None
         return
     try:
         os.unlink(tmp)
@@ -179,7 +170,7 @@ def _sync_dir(path: str, new: str) -> None:
             os.unlink(new)
         except OSError:
             pass
-        raise MaildirError(f"unable to sync {path}: {_why(e)}", path, e) from None
+        raise MaildirError(f"unable to sync {path}: {why(e)}", path, e) from None
 
 
 def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
@@ -203,7 +194,7 @@ def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
         try:
             os.close(fd)
         except OSError as e:
-            raise MaildirError(f"unable to write {tmp}: {_why(e)}", tmp, e) from None
+            raise MaildirError(f"unable to write {tmp}: {why(e)}", tmp, e) from None
         _publish(tmp, new)
         _sync_dir(os.path.join(maildir, "new"), new)
     except BaseException:

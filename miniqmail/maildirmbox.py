@@ -39,6 +39,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from miniqmail.maildirscan import Entry, ScanError, clean, scan
 from miniqmail.mbox import from_line, quote_from
+from miniqmail.fdio import why
 
 CHUNK = 1 << 20
 #: the longest first line read when looking for Return-Path; a longer one is an ordinary line.
@@ -49,10 +50,6 @@ _HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 class Maildir2mboxError(Exception):
     """The conversion stopped before the rename: MAIL and the Maildir are as they were."""
-
-
-def _why(err: OSError) -> str:
-    return err.strerror or str(err)
 
 
 def sender_of(first_line: bytes) -> str:
@@ -94,7 +91,7 @@ class _MessageFile(io.FileIO):
         try:
             return super().readinto(buffer)
         except OSError as e:
-            raise Maildir2mboxError(f"unable to read {self.name}: {_why(e)}") from None
+            raise Maildir2mboxError(f"unable to read {self.name}: {why(e)}") from None
 
 
 def _copy(src: int, src_name: str, dst: BinaryIO) -> None:
@@ -104,7 +101,7 @@ def _copy(src: int, src_name: str, dst: BinaryIO) -> None:
         try:
             n = os.readv(src, [buf])
         except OSError as e:
-            raise Maildir2mboxError(f"unable to read {src_name}: {_why(e)}") from None
+            raise Maildir2mboxError(f"unable to read {src_name}: {why(e)}") from None
         if not n:
             return
         dst.write(view[:n])
@@ -140,7 +137,7 @@ def _open_locked(mail: str) -> int:
         try:
             fd = os.open(mail, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise Maildir2mboxError(f"unable to lock {mail}: {_why(e)}") from None
+            raise Maildir2mboxError(f"unable to lock {mail}: {why(e)}") from None
         try:
             _lock(fd)
             held = os.fstat(fd)
@@ -150,7 +147,7 @@ def _open_locked(mail: str) -> int:
                 named = None
         except OSError as e:
             os.close(fd)
-            raise Maildir2mboxError(f"unable to lock {mail}: {_why(e)}") from None
+            raise Maildir2mboxError(f"unable to lock {mail}: {why(e)}") from None
         if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
             return fd
         os.close(fd)
@@ -171,7 +168,7 @@ def _build(mail: str, old: int, mailtmp: str, entries: list[Entry]) -> list[Entr
     try:
         fd = os.open(mailtmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise Maildir2mboxError(f"unable to create {mailtmp}: {_why(e)}") from None
+        raise Maildir2mboxError(f"unable to create {mailtmp}: {why(e)}") from None
     try:
         with open(fd, "wb", buffering=CHUNK, closefd=False) as out:
             os.lseek(old, 0, os.SEEK_SET)
@@ -182,7 +179,7 @@ def _build(mail: str, old: int, mailtmp: str, entries: list[Entry]) -> list[Entr
                 except FileNotFoundError:
                     continue  # a mail reader moved it, e.g. from new/ to cur/
                 except OSError as e:
-                    raise Maildir2mboxError(f"unable to read {entry.path}: {_why(e)}") from None
+                    raise Maildir2mboxError(f"unable to read {entry.path}: {why(e)}") from None
                 with io.BufferedReader(raw, CHUNK) as message:
                     write_entry(out, message, entry.mtime)
                 written.append(entry)
@@ -196,14 +193,14 @@ def _build(mail: str, old: int, mailtmp: str, entries: list[Entry]) -> list[Entr
         with contextlib.suppress(OSError):
             os.unlink(mailtmp)
         if isinstance(e, OSError):
-            raise Maildir2mboxError(f"unable to write to {mailtmp}: {_why(e)}") from None
+            raise Maildir2mboxError(f"unable to write to {mailtmp}: {why(e)}") from None
         raise
     try:
         os.close(fd)  # NFS reports write errors at close
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(mailtmp)
-        raise Maildir2mboxError(f"unable to write to {mailtmp}: {_why(e)}") from None
+        raise Maildir2mboxError(f"unable to write to {mailtmp}: {why(e)}") from None
     return written
 
 
@@ -218,7 +215,7 @@ def maildir2mbox(maildir: str, mail: str, mailtmp: str, now: float | None = None
     try:
         os.listdir(maildir)
     except OSError as e:
-        raise ScanError(f"unable to chdir to {maildir}: {_why(e)}", maildir) from None
+        raise ScanError(f"unable to chdir to {maildir}: {why(e)}", maildir) from None
     clean(maildir, now)
     if not scan(maildir, ("new", "cur"), before=now):
         return 0  # nothing new: MAIL is not even created
@@ -241,12 +238,12 @@ def maildir2mbox(maildir: str, mail: str, mailtmp: str, now: float | None = None
             except OSError as e:
                 with contextlib.suppress(OSError):
                     os.unlink(mailtmp)
-                raise Maildir2mboxError(f"unable to move {mailtmp} to {target}: {_why(e)}") from None
+                raise Maildir2mboxError(f"unable to move {mailtmp} to {target}: {why(e)}") from None
             try:
                 _sync_dir(target)
             except OSError as e:
                 # The new mbox may not survive a crash: keep the messages rather than risk them.
-                warn(f"unable to sync the directory of {mail}: {_why(e)}; "
+                warn(f"unable to sync the directory of {mail}: {why(e)}; "
                      f"the messages stay in $MAILDIR and will be delivered twice")
                 return len(entries)
             for entry in entries:
@@ -255,7 +252,7 @@ def maildir2mbox(maildir: str, mail: str, mailtmp: str, now: float | None = None
                 except FileNotFoundError:
                     pass  # someone else removed it: it is in the mbox all the same
                 except OSError as e:
-                    warn(f"{entry.path} will be delivered twice; unable to unlink: {_why(e)}")
+                    warn(f"{entry.path} will be delivered twice; unable to unlink: {why(e)}")
     finally:
         os.close(lock)
     return len(entries)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
+from miniqmail.fdio import why
+
 #: maildir(5): a tmp/ file not accessed for 36 hours may be removed.
 TMP_MAX_AGE = 36 * 3600
 
@@ -66,10 +68,6 @@ def clean(maildir: str, now: float | None = None) -> int:
     return removed
 
 
-def _why(err: OSError) -> str:
-    return err.strerror or str(err)
-
-
 def scan(maildir: str, subdirs: Iterable[str] = ("new", "cur"),
          before: float | None = None) -> list[Entry]:
     """The regular files of `subdirs`, oldest first; with `before`, only those modified earlier.
@@ -84,7 +82,7 @@ def scan(maildir: str, subdirs: Iterable[str] = ("new", "cur"),
         try:
             names = os.listdir(directory)
         except OSError as e:
-            raise ScanError(f"unable to scan {directory}: {_why(e)}", directory) from None
+            raise ScanError(f"unable to scan {directory}: {why(e)}", directory) from None
         for name in names:
             if name.startswith("."):
                 continue

@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterator
 
 from miniqmail.datefmt import ctime_gmt
 from miniqmail.mailbox_error import MailboxError
+from miniqmail.fdio import why, write_all
 
 READ_LIMIT = 64 * 1024
 WRITE_BUFFER = 64 * 1024
@@ -43,10 +44,6 @@ class MboxLockTimeout(MboxError):
 
 class MboxReadError(MboxError):
     """The message being delivered could not be read."""
-
-
-def _why(err: OSError) -> str:
-    return err.strerror or str(err)
 
 
 def from_line(sender: str, when: float | None = None) -> bytes:
@@ -89,12 +86,6 @@ def quote_from(source: BinaryIO, limit: int = READ_LIMIT) -> Iterator[bytes]:
         yield carry
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _lock(fd: int, path: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -120,18 +111,18 @@ def _append(fd: int, path: str, source: BinaryIO, head: bytes) -> None:
         try:
             piece = next(pieces, None)
         except OSError as e:
-            raise MboxReadError(f"Unable to read message: {_why(e)}.", path, e) from None
+            raise MboxReadError(f"Unable to read message: {why(e)}.", path, e) from None
         if piece is None:
             break
         buf += piece
         ends_lf = piece.endswith(b"\n")
         if len(buf) >= WRITE_BUFFER:
-            _write_all(fd, buf)
+            write_all(fd, buf)
             buf.clear()
     if not ends_lf:
         buf += b"\n"
     buf += b"\n"
-    _write_all(fd, buf)
+    write_all(fd, buf)
     os.fsync(fd)
 
 
@@ -146,7 +137,7 @@ def deliver(path: str, source: BinaryIO, *, sender: str, prefix: bytes = b"",
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC,
                      0o600)
     except OSError as e:
-        raise MboxOpenError(f"Unable to open {path}: {_why(e)}.", path, e) from None
+        raise MboxOpenError(f"Unable to open {path}: {why(e)}.", path, e) from None
     try:
         locked = _lock(fd, path, lock_timeout)
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -160,7 +151,7 @@ def deliver(path: str, source: BinaryIO, *, sender: str, prefix: bytes = b"",
                 except OSError:
                     pass
             if isinstance(e, OSError) and not isinstance(e, MboxError):
-                raise MboxError(f"Unable to write {path}: {_why(e)}.", path, e) from None
+                raise MboxError(f"Unable to write {path}: {why(e)}.", path, e) from None
             raise
     finally:
         try:

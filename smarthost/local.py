@@ -31,6 +31,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from miniqmail import maildir, mbox
 from miniqmail.exitcodes import is_permanent, report as qq_report
+from miniqmail.fdio import why
 from smarthost import dotqmail
 from smarthost.errors import PermanentError, SmarthostError, TemporaryError
 
@@ -65,10 +66,6 @@ class LocalRequest:
 class LocalResult:
     code: int  # 0 delivered, 100 permanent failure, 111 temporary failure
     text: str
-
-
-def _why(err: OSError) -> str:
-    return err.strerror or str(err)
 
 
 def _save_cwd() -> int | None:
@@ -112,7 +109,7 @@ class _Delivery:
         try:
             st = os.stat(".")
         except OSError as e:
-            raise TemporaryError(f"Unable to stat home directory: {_why(e)}. (#4.3.0)") from None
+            raise TemporaryError(f"Unable to stat home directory: {why(e)}. (#4.3.0)") from None
         if st.st_mode & self.req.patrn:
             raise TemporaryError("Uh-oh: home directory is writable. (#4.7.0)")
         if st.st_mode & stat.S_ISVTX:
@@ -127,7 +124,7 @@ class _Delivery:
                 try:
                     piece = f.readline(limit)
                 except OSError as e:
-                    raise TemporaryError(f"Unable to read message: {_why(e)}. (#4.3.0)") from None
+                    raise TemporaryError(f"Unable to read message: {why(e)}. (#4.3.0)") from None
                 if not piece:
                     return
                 if line_start:
@@ -144,7 +141,7 @@ class _Delivery:
         except OSError as e:
             if e.errno in _ABSENT:
                 return None
-            raise TemporaryError(f"Unable to open {name}: {_why(e)}. (#4.3.0)") from None
+            raise TemporaryError(f"Unable to open {name}: {why(e)}. (#4.3.0)") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -155,7 +152,7 @@ class _Delivery:
                 data = f.read(dotqmail.DOTQMAIL_MAX + 1)
             return data, bool(st.st_mode & stat.S_IXUSR)
         except OSError as e:
-            raise TemporaryError(f"Unable to read {name}: {_why(e)}. (#4.3.0)") from None
+            raise TemporaryError(f"Unable to read {name}: {why(e)}. (#4.3.0)") from None
         finally:
             os.close(fd)
 
@@ -166,7 +163,7 @@ class _Delivery:
         except OSError as e:
             if e.errno in _ABSENT or e.errno in (errno.EACCES, errno.EPERM):
                 return False
-            raise TemporaryError(f"Unable to open {name}: {_why(e)}. (#4.3.0)") from None
+            raise TemporaryError(f"Unable to open {name}: {why(e)}. (#4.3.0)") from None
 
     def run(self) -> str:
         req = self.req
@@ -246,7 +243,7 @@ class _Delivery:
         try:
             rfd, wfd = os.pipe()
         except OSError as e:
-            raise TemporaryError(f"Unable to run /bin/sh: {_why(e)}. (#4.3.0)") from None
+            raise TemporaryError(f"Unable to run /bin/sh: {why(e)}. (#4.3.0)") from None
         old_umask = os.umask(0o077)
         try:
             pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", command], self.env, file_actions=[
@@ -255,7 +252,7 @@ class _Delivery:
                 (os.POSIX_SPAWN_DUP2, wfd, 2)])
         except (OSError, ValueError) as e:
             os.close(rfd)
-            reason = _why(e) if isinstance(e, OSError) else str(e)
+            reason = why(e) if isinstance(e, OSError) else str(e)
             raise TemporaryError(f"Unable to run /bin/sh: {reason}. (#4.3.0)") from None
         finally:
             os.umask(old_umask)
@@ -333,7 +330,7 @@ def deliver(req: LocalRequest, message: BinaryIO, inject: Inject) -> LocalResult
         try:
             os.chdir(req.home)
         except OSError as e:
-            raise TemporaryError(f"Unable to switch to {req.home}: {_why(e)}. (#4.3.0)") from None
+            raise TemporaryError(f"Unable to switch to {req.home}: {why(e)}. (#4.3.0)") from None
         with _message_fd(message) as fd:
             delivery = _Delivery(req, fd, inject)
             return LocalResult(0, delivery.compose(delivery.run()))

@@ -20,6 +20,7 @@ import signal
 import sys
 from typing import BinaryIO
 
+from miniqmail.fdio import write_all
 from smarthost import local, users
 from smarthost.chain import Chain
 from smarthost.queue import Queue, invoked_by_uid, received_line
@@ -206,13 +207,7 @@ class Spawner:
                     report = letter_for(code) + clean_text(text.decode("utf-8", "surrogateescape"))
                 else:
                     report = "ZDelivery process crashed. (#4.3.0)"
-                _write_all(out, did + b"\0" + report.encode("utf-8", "surrogateescape") + b"\0")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+                write_all(out, did + b"\0" + report.encode("utf-8", "surrogateescape") + b"\0")
 
 
 def main() -> None:

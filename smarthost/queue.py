@@ -40,6 +40,7 @@ from typing import BinaryIO, Iterable, Iterator
 from miniqmail import envelope
 from miniqmail.datefmt import date822
 from miniqmail.exitcodes import QQ
+from miniqmail.fdio import write_all
 from smarthost.errors import PermanentError, TemporaryError
 
 SPLIT_DEFAULT = 23
@@ -290,7 +291,7 @@ class Queue:
             except OSError as e:
                 raise QueueError(f"unable to create intd/{n}: {e.strerror}", exit_code=QQ.INTD) from None
         try:
-            _write_all(fd, bytes(data))
+            write_all(fd, bytes(data))
             if sync:
                 os.fsync(fd)
         except OSError as e:
@@ -400,7 +401,7 @@ class Draft:
 
     def write(self, data: bytes) -> None:
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
         except OSError as e:
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
 
@@ -477,10 +478,3 @@ class Draft:
                     pass
         os.close(self._fd)  # releases the lock that kept cleanup() away
         self._fd = -1
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

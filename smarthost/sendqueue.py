@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from miniqmail.fdio import write_all
 from smarthost.queue import Queue
 from smarthost.rewrite import Routing
 
@@ -192,7 +193,7 @@ class SendQueue:
         for path, data, mtime in files:
             fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
             try:
-                _write(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -300,7 +301,7 @@ class SendQueue:
     def _append_bounce(self, n: int, data: bytes) -> None:
         fd = os.open(self.q.bounce(n), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
         try:
-            _write(fd, data)
+            write_all(fd, data)
         finally:
             os.close(fd)
 
@@ -324,9 +325,3 @@ class SendQueue:
         paths.append(q.mess(n))
         for p in paths:
             _unlink(p)
-
-
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

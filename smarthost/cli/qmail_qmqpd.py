@@ -22,6 +22,7 @@ import os
 import signal
 from typing import Mapping
 
+from miniqmail.fdio import write_all
 from smarthost.qmqp_session import (NEED_DATA, Event, SESSION_MAX, QmqpError, QmqpSession, QueueSink,
                                     Request, Refused, answer, databytes, received)
 from smarthost.queue import Queue, received_line
@@ -36,12 +37,6 @@ def header(environ: Mapping[str, str], pid: int) -> bytes:
     return received_line("invoked from network", pid) + received(
         "QMQP", local, environ.get("TCPREMOTEIP"), environ.get("TCPREMOTEHOST"),
         environ.get("TCPREMOTEINFO"))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def serve(infd: int = 0, outfd: int = 1) -> int:
@@ -64,7 +59,7 @@ def serve(infd: int = 0, outfd: int = 1) -> int:
     finally:
         sink.discard()
     try:
-        _write_all(outfd, answer(text))
+        write_all(outfd, answer(text))
     except OSError:
         pass  # the client went away; what is queued stays queued
     return 0
