@@ -20,3 +20,19 @@ def ctime_gmt(when: float | None = None) -> str:
     t = time.gmtime(when)
     return (f"{_DAYS[t.tm_wday]} {_MONTHS[t.tm_mon - 1]} {t.tm_mday:02d} "
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {t.tm_year}")
+
+
+def date822_local(when: float | None = None) -> str:
+    """predate's date: local time with its numeric zone (`+0100`; UTC is `+0000`, not `-0000`)."""
+    t = time.localtime(time.time() if when is None else when)
+    offset = t.tm_gmtoff or 0
+    minutes = (abs(offset) + 30) // 60  # rounded, as predate.c does
+    sign = "-" if offset < 0 else "+"
+    return (f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} "
+            f"{sign}{minutes // 60:02d}{minutes % 60:02d}")
+
+
+def date_gmt(when: float) -> str:
+    """qmail-qread's date: `21 Nov 2026 07:57:03 GMT`."""
+    return date822(when)[: -len("-0000")] + "GMT"

@@ -15,23 +15,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 
+from miniqmail.datefmt import date822_local
 from miniqmail.progmain import fatal, run
 
 PROG = "predate"
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def date_line(when: float | None = None) -> bytes:
     """The Date: field predate writes, newline included."""
-    t = time.localtime(time.time() if when is None else when)
-    offset = t.tm_gmtoff or 0
-    minutes = (abs(offset) + 30) // 60  # rounded, as predate.c does
-    sign = "-" if offset < 0 else "+"
-    return (f"Date: {t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} "
-            f"{sign}{minutes // 60:02d}{minutes % 60:02d}\n").encode()
+    return f"Date: {date822_local(when)}\n".encode()
 
 
 def _copy(out_fd: int) -> None:

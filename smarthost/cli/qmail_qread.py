@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
+from miniqmail.datefmt import date_gmt
 from miniqmail.progmain import fatal, run
 from smarthost.queue import Queue
 from smarthost.root import Root
 from smarthost.sendqueue import CHANNELS
 
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
 
 def printable(raw: bytes) -> str:
     return "".join(chr(b) if 32 <= b < 127 else "_" for b in raw)
-
-
-def gmt(when: float) -> str:
-    t = time.gmtime(when)
-    return f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
 
 
 def entry(q: Queue, n: int) -> str | None:
@@ -36,7 +29,7 @@ def entry(q: Queue, n: int) -> str | None:
     except FileNotFoundError:
         size = 0
     bouncing = " bouncing" if os.path.exists(q.bounce(n)) else ""
-    lines = [f"{gmt(birth)}  #{n}  {size}  <{printable(sender)}> {bouncing}"]
+    lines = [f"{date_gmt(birth)}  #{n}  {size}  <{printable(sender)}> {bouncing}"]
     for chan in CHANNELS:
         try:
             with open(q.channel(chan, n), "rb") as f:
