@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# helper modules that tests import and also load as fixture plugins
+pytest.register_assert_rewrite("tests.client_kit", "tests.remote_site")
+
 BIN = Path(sys.executable).parent
 
 

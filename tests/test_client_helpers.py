@@ -8,19 +8,10 @@ import sys
 
 import pytest
 
-from tests.test_inject import ME, clean_env, command, header_of, queue_dump, run, started_smarthost, write_control
+from tests.client_kit import ME, clean_env, command, header_of, run, write_control
 
+pytest_plugins = ["tests.client_kit"]  # the `smarthost` and `qq` fixtures
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def smarthost(tmp_path_factory):
-    yield from started_smarthost(tmp_path_factory)
-
-
-@pytest.fixture
-def qq(tmp_path):
-    return queue_dump(tmp_path)
 
 
 DATE_RE = rb"Date: \d{1,2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d [+-]\d{4}\n"

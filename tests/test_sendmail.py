@@ -14,19 +14,10 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from miniqmail.smtp_stdio import DataError, DataReader, Session, parse_path
 
-from tests.test_inject import ME, OneByte, clean_env, command, header_of, queue_dump, run, started_smarthost, write_control
+from tests.client_kit import ME, OneByte, clean_env, command, header_of, run, write_control
 
+pytest_plugins = ["tests.client_kit"]  # the `smarthost` and `qq` fixtures
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def smarthost(tmp_path_factory):
-    yield from started_smarthost(tmp_path_factory)
-
-
-@pytest.fixture
-def qq(tmp_path):
-    return queue_dump(tmp_path)
 
 
 SENDMAIL = command("sendmail")
