@@ -138,3 +138,19 @@ def wait_files(directory, count=1, timeout=20.0) -> list[str]:
         if time.monotonic() > deadline:
             raise AssertionError(f"{directory} holds {len(names)} files, wanted {count}")
         time.sleep(0.02)
+
+
+async def run_scheduler_until(sched, out, marker: str, timeout: float = 20.0) -> None:
+    """Run a smarthost.send.Scheduler in this process until `marker` shows in its log
+    (a StringIO behind its Log), then stop it the way SIGTERM does."""
+    import asyncio
+
+    task = asyncio.create_task(sched.run())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        sched.log.flush()
+        if marker in out.getvalue():
+            break
+    sched.on_term()
+    await task

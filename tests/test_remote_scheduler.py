@@ -10,7 +10,7 @@ from smarthost.logfmt import Log
 from smarthost.queue import Queue
 from smarthost.remote import RemoteDelivery
 from smarthost.send import Scheduler
-from tests.conftest import wait_files
+from tests.conftest import run_scheduler_until, wait_files
 
 pytest_plugins = ["tests.remote_site"]  # the `site` fixture
 pytestmark = pytest.mark.timeout(60)
@@ -33,15 +33,7 @@ def test_queued_message_goes_out_and_the_refused_recipient_bounces(site):
         async def remote(msg, recipients, messpath):
             return await rd.deliver(msg.sender, recipients, messpath)
 
-        sched = Scheduler(root, log, remote=remote)
-        task = asyncio.create_task(sched.run())
-        for _ in range(400):
-            await asyncio.sleep(0.05)
-            log.flush()
-            if f"end msg {n}" in out.getvalue():
-                break
-        sched.on_term()
-        await task
+        await run_scheduler_until(Scheduler(root, log, remote=remote), out, f"end msg {n}")
 
     asyncio.run(main())
     log = out.getvalue()

@@ -9,6 +9,7 @@ import pytest
 from smarthost.logfmt import Log
 from smarthost.queue import Queue
 from smarthost.send import Scheduler
+from tests.conftest import run_scheduler_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,18 +27,7 @@ def test_remote_recipients_go_one_transaction_per_domain(root):
     q = Queue(root.queue_dir)
     n = q.inject(b"Subject: grouped\n\nx\n", "", ["a@x.example", "b@X.EXAMPLE", "c@y.example", "d@y.example"]).id
 
-    async def main():
-        sched = Scheduler(root, Log(out), remote=remote)
-        task = asyncio.create_task(sched.run())
-        for _ in range(400):
-            await asyncio.sleep(0.05)
-            sched.log.flush()
-            if f"end msg {n}" in out.getvalue():
-                break
-        sched.on_term()
-        await task
-
-    asyncio.run(main())
+    asyncio.run(run_scheduler_until(Scheduler(root, Log(out), remote=remote), out, f"end msg {n}"))
     log = out.getvalue()
     assert sorted(calls) == [["a@x.example", "b@X.EXAMPLE"], ["c@y.example", "d@y.example"]]
     assert log.count(" to remote ") == 4
