@@ -134,15 +134,20 @@ def drive(server, messages: int, concurrency: int) -> tuple[float, float]:
         server.stop()
 
 
+def client_env(base: str, name: str, port: int) -> dict[str, str]:
+    """A client root under `base` whose only QMQP server is 127.0.0.1:`port`; its environment."""
+    ctl = os.path.join(base, name, "control")
+    os.makedirs(ctl, exist_ok=True)
+    with open(os.path.join(ctl, "qmqpservers"), "w") as f:
+        f.write(f"127.0.0.1:{port}\n")
+    return dict(os.environ, MINIQMAIL_ROOT=os.path.join(base, name))
+
+
 def handoff_times(base: str, runs: int) -> tuple[float, float]:
     ours = Ours(base)
     ours.start()
     try:
-        ctl = os.path.join(base, "client", "control")
-        os.makedirs(ctl, exist_ok=True)
-        with open(os.path.join(ctl, "qmqpservers"), "w") as f:
-            f.write(f"127.0.0.1:{ours.port}\n")
-        env = dict(os.environ, MINIQMAIL_ROOT=os.path.join(base, "client"))
+        env = client_env(base, "client", ours.port)
         msg = b"Subject: 2k\n\n" + b"y" * 2000 + b"\n"
         env_bytes = envelope.encode("a@bench.invalid", ["example@bench.invalid"])
         py = os.path.join(BIN, "python")
@@ -168,10 +173,7 @@ def big_message(base: str, size: int) -> tuple[int, int]:
     ours = Ours(base)
     ours.start()
     try:
-        ctl = os.path.join(base, "bigclient", "control")
-        os.makedirs(ctl, exist_ok=True)
-        with open(os.path.join(ctl, "qmqpservers"), "w") as f:
-            f.write(f"127.0.0.1:{ours.port}\n")
+        env = client_env(base, "bigclient", ours.port)
         path = os.path.join(base, "big.msg")
         with open(path, "wb") as f:
             f.write(b"Subject: big\n\n")
@@ -184,7 +186,7 @@ def big_message(base: str, size: int) -> tuple[int, int]:
         # fed through a pipe, so the client has to spool it rather than map the file
         with open(path, "rb") as src:
             p = subprocess.Popen([os.path.join(BIN, "qmail-qmqpc")], stdin=subprocess.PIPE, stdout=rfd,
-                                 env=dict(os.environ, MINIQMAIL_ROOT=os.path.join(base, "bigclient")))
+                                 env=env)
             shutil.copyfileobj(src, p.stdin, 1 << 20)
             p.stdin.close()
             client_peak = 0
