@@ -49,6 +49,19 @@ class LoopThread:
                 self.loop.close()
 
 
+async def _listen(peer, **kw):
+    """Start a peer's server on its host and port (0: any); the bound port goes back into it."""
+    peer.server = await asyncio.start_server(peer._session, peer.host, peer.port, **kw)
+    peer.port = peer.server.sockets[0].getsockname()[1]
+    return peer
+
+
+def _stop(peer) -> None:
+    if peer.server:
+        peer.server.close()
+        peer.server = None
+
+
 @dataclass
 class Mail:
     helo: str
@@ -73,14 +86,10 @@ class SmtpPeer:
     server: asyncio.AbstractServer | None = None
 
     async def start(self) -> "SmtpPeer":
-        self.server = await asyncio.start_server(self._session, self.host, self.port, limit=1 << 20, backlog=1000)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
+        return await _listen(self, limit=1 << 20, backlog=1000)
 
     async def close(self) -> None:
-        if self.server:
-            self.server.close()
-            self.server = None
+        _stop(self)
 
     async def _answer(self, writer, key: str, arg: str, default: bytes) -> bool:
         value = self.replies.get(key, default)
@@ -197,14 +206,10 @@ class QmtpPeer:
     server: asyncio.AbstractServer | None = None
 
     async def start(self) -> "QmtpPeer":
-        self.server = await asyncio.start_server(self._session, self.host, self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
+        return await _listen(self)
 
     async def close(self) -> None:
-        if self.server:
-            self.server.close()
-            self.server = None
+        _stop(self)
 
     async def _session(self, reader, writer) -> None:
         self.connections += 1
