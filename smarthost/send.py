@@ -38,6 +38,8 @@ CLEANUP_INTERVAL = 76431
 SYSTEM_RETRY = 123
 #: messages preprocessed without fsync are made durable within this many seconds.
 DURABLE_DELAY = 0.5
+#: todo/ is preprocessed only this far ahead of the delivery slots (at least; see lookahead()).
+LOOKAHEAD = 100
 LIFETIME_TEXT = "I'm not going to try again; this message has been in the queue too long."
 
 #: (message, recipients of one domain, path of the mess file) -> one (letter, text) per recipient
@@ -87,7 +89,12 @@ class Scheduler:
         self.ready: dict[str, deque] = {"local": deque(), "remote": deque()}
         self.running = {"local": 0, "remote": 0}
         self.passes: dict[tuple[int, str], tuple[float, bool]] = {}  # (id, chan) -> (next retry, expired)
-        self.not_durable: list[Message] = []
+        self.not_durable: deque[tuple[float, Message]] = deque()  # (preprocessed at, message)
+        self.watching = False                 # make_durable() is running
+        self.backlog: deque[int] = deque()    # todo/N a scan found, not preprocessed yet
+        self.backlog_ids: set[int] = set()
+        self.fresh: dict[int, Message] = {}   # preprocessed, todo/N their record, a delivery not started
+        self.queued: dict[int, int] = {}      # message id -> its deliveries waiting in self.ready
         self.delivery_no = 0
         self.wake = asyncio.Event()
         self.synced = asyncio.Event()
@@ -95,6 +102,7 @@ class Scheduler:
         self.stopping = False
         self.tasks: set[asyncio.Task] = set()
         self.cleanup_interval = CLEANUP_INTERVAL
+        self.lookahead_floor = LOOKAHEAD
         #: called once when SIGTERM arrives (the daemon closes its listeners there)
         self.on_stop: list[Callable[[], None]] = []
 
@@ -139,16 +147,43 @@ class Scheduler:
             except IncompleteTodo as e:
                 self.sq.discard_incomplete(n)
                 self.log(f"warning: removed todo/{n}: {safe(str(e))}: an injection that never finished")
+            except FileNotFoundError:
+                pass  # finished and removed since the scan saw it
             except (TodoError, OSError) as e:
                 out.append((n, str(e)))
         return out
 
-    async def scan_todo(self) -> None:
-        ids = [n for n in self.queue.todo_ids() if n not in self.messages]
-        if not ids:
+    def scan_todo(self) -> None:
+        """Note the todo/N not seen yet; fill() preprocesses them as delivery slots come near."""
+        new = [n for n in self.queue.todo_ids() if n not in self.messages and n not in self.backlog_ids]
+        self.backlog.extend(new)
+        self.backlog_ids.update(new)
+
+    def scan_due(self) -> bool:
+        """A trigger asked for a scan, and the backlog is short enough to want one.
+
+        Listing todo/ costs time in proportion to it; while a long backlog
+        lasts, new arrivals wait for it anyway.
+        """
+        return self.scan_wanted and len(self.backlog) < self.lookahead()
+
+    def lookahead(self) -> int:
+        c = self.settings.concurrency
+        return max(self.lookahead_floor, 2 * (c["local"] + c["remote"]))
+
+    def fill(self) -> None:
+        """Preprocess from the backlog while few fresh messages wait for a slot.
+
+        A backlog stays in todo/, which is durable already: preprocessing it all at
+        once would only make most of it wait, and waiting costs a persist (fsyncs).
+        """
+        room = min(self.lookahead() - len(self.fresh), len(self.backlog))
+        if room <= 0:
             return
+        ids = [self.backlog.popleft() for _ in range(room)]
+        self.backlog_ids.difference_update(ids)
         routing = self.settings.routing
-        # Reads only (see make_durable), so this is quick enough for the loop itself.
+        # Reads only, so this is quick enough for the loop itself.
         results = self._preprocess_batch(ids, routing)
         now = time.time()
         for n, res in results:
@@ -159,19 +194,31 @@ class Scheduler:
             self.messages[n] = msg
             self.log(f"new msg {n}")
             self.log(f"info msg {n}: bytes {msg.size} from <{safe(msg.sender)}> qp {msg.qp} uid {msg.uid}")
-            self.not_durable.append(msg)
+            self.not_durable.append((time.monotonic(), msg))
             if not msg.channels:
                 self.spawn(self.finish(msg))
+            else:
+                self.fresh[n] = msg
             for chan in msg.channels:
                 heapq.heappush(self.due, (now, n, chan))
-        if self.not_durable:
+        if self.not_durable and not self.watching:
+            self.watching = True
             self.spawn(self.make_durable())
 
     async def make_durable(self) -> None:
-        """Messages still queued a moment after preprocessing are persisted (sendqueue's doc)."""
-        await asyncio.sleep(DURABLE_DELAY)
-        batch, self.not_durable = self.not_durable, []
-        await self.persist([m for m in batch if m.id in self.messages])
+        """Messages still waiting a moment after preprocessing are persisted (sendqueue's doc)."""
+        try:
+            while self.not_durable:
+                await asyncio.sleep(max(0.0, self.not_durable[0][0] + DURABLE_DELAY - time.monotonic()))
+                cut = time.monotonic() - DURABLE_DELAY
+                batch = []
+                while self.not_durable and self.not_durable[0][0] <= cut:
+                    batch.append(self.not_durable.popleft()[1])
+                # Still waiting for a slot, or partly done: todo/N alone would not say where it stands.
+                await self.persist([m for m in batch
+                                    if m.id in self.messages and (m.id in self.fresh or m.progress)])
+        finally:
+            self.watching = False
 
     async def persist(self, msgs: list[Message]) -> None:
         """Write what `msgs` still have to do, fsync it, drop their todo/N (in a worker thread).
@@ -202,6 +249,7 @@ class Scheduler:
             for m, snap, err in zip(batch, snaps, results):
                 if err is None:
                     self.sq.after_snapshot(m, snap)
+                    self.fresh.pop(m.id, None)
                 else:
                     self.log(f"warning: trouble writing the state of msg {m.id}: {safe(str(err))}; "
                              "todo/{m.id} stays")
@@ -210,6 +258,7 @@ class Scheduler:
                 m.syncing = False
             self.synced.set()
             self.synced.clear()
+            self.poke()  # what was persisted no longer holds back the backlog
 
     # -- passes and deliveries ------------------------------------------------
     def start_due(self, now: float) -> None:
@@ -229,14 +278,22 @@ class Scheduler:
                     groups.setdefault(rcpt.addr.rpartition("@")[2].lower(), []).append(rcpt)
                 for group in groups.values():
                     self.ready[chan].append((msg, chan, group))
+                queued = len(groups)
             else:
                 for rcpt in pending:
                     self.ready[chan].append((msg, chan, [rcpt]))
+                queued = len(pending)
+            self.queued[n] = self.queued.get(n, 0) + queued
             ch.busy = len(pending)
         for chan in ("local", "remote"):
             limit = self.settings.concurrency[chan]
             while self.ready[chan] and self.running[chan] < limit and not self.stopping:
                 msg, chan_, rcpts = self.ready[chan].popleft()
+                left = self.queued.pop(msg.id, 1) - 1
+                if left:
+                    self.queued[msg.id] = left
+                else:
+                    self.fresh.pop(msg.id, None)
                 self.running[chan] += 1
                 self.spawn(self.run_delivery(msg, chan, rcpts))
 
@@ -322,6 +379,7 @@ class Scheduler:
                 self.log(f"bounce msg {msg.id} qp {qp}")
         self.sq.finish(msg)  # a few unlinks
         self.messages.pop(msg.id, None)
+        self.fresh.pop(msg.id, None)
         self.log(f"end msg {msg.id}")
         if os.path.exists(self.queue.todo(msg.id)):
             # The number was free for a moment and a new message took it; a scan
@@ -398,10 +456,12 @@ class Scheduler:
                 if self.stopping:
                     if not any(self.running.values()):
                         break
-                elif self.scan_wanted or now - last_scan >= SCAN_INTERVAL:
-                    self.scan_wanted = False
-                    last_scan = now
-                    await self.scan_todo()
+                else:
+                    if self.scan_due() or now - last_scan >= SCAN_INTERVAL:
+                        self.scan_wanted = False
+                        last_scan = now
+                        self.scan_todo()
+                    self.fill()
                     now = time.time()
                 self.start_due(now)
                 self.log.flush()
@@ -409,7 +469,7 @@ class Scheduler:
                 if self.due:
                     delay = max(0.0, min(delay, self.due[0][0] - now))
                 self.wake.clear()
-                if self.scan_wanted and not self.stopping:
+                if self.scan_due() and not self.stopping:
                     continue
                 try:
                     await asyncio.wait_for(self.wake.wait(), delay)
@@ -424,9 +484,9 @@ class Scheduler:
                         await asyncio.wait_for(t, 30)
                     except (asyncio.TimeoutError, Exception):
                         pass
-            # A clean stop leaves no todo/N behind for what is already preprocessed,
-            # so a restart does not deliver anything twice.
-            await self.persist([m for m in self.messages.values() if m.todo])
+            # A clean stop leaves no todo/N behind for a message partly done, so a
+            # restart does not deliver anything twice; the untouched keep theirs.
+            await self.persist([m for m in self.messages.values() if m.todo and m.progress])
             await self.local.stop()
             self.status()
             self.log("status: exiting")

@@ -12,8 +12,9 @@ Where qmail writes info, channel files and fsyncs them for every message before
 it removes todo/N, this scheduler keeps a fresh message's state in memory and
 todo/N as its durable record. It persists (writes the files of what is still to
 do, fsyncs them, then removes todo/N) only when the message has to wait: a
-deferral, a delivery still running after a moment, or a clean shutdown. Mail
-delivered at once therefore costs no files beyond mess and todo. A crash while
+deferral, a delivery not started after a moment, some recipients done while
+others are not, or a clean shutdown after some were done. Mail delivered at
+once therefore costs no files beyond mess and todo. A crash while
 todo/N exists means preprocessing again: duplicates are possible, losses are not.
 
 Removal order is fixed (bounce, channel files, info, then intd and mess): once
@@ -78,6 +79,7 @@ class Message:
     bounces: list[bytes] = field(default_factory=list)  # failure records not yet in bounce/N
     bounce_file: bool = False
     syncing: bool = False    # a worker thread is persisting it
+    progress: bool = False   # some recipient is done: a crash would deliver it again
     finishing: bool = False
 
 
@@ -263,6 +265,7 @@ class SendQueue:
     def mark_done(self, msg: Message, chan: str, rcpt: Rcpt) -> None:
         """Done in memory; on disk overwrite its `T` with `D` (one byte, no fsync, as qmail)."""
         rcpt.done = True
+        msg.progress = True
         if msg.persisted and rcpt.offset is not None:
             self._mark(chan, msg.id, rcpt.offset)
 

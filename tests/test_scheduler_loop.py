@@ -62,3 +62,80 @@ def test_periodic_cleanup_removes_leftovers_of_dead_injections(root):
     n = asyncio.run(main())
     assert q.mess_ids() == []
     assert f"removed mess/{n % 23}/{n}" in out.getvalue()
+
+
+def _limits(root, local: int, remote: int) -> None:
+    for name, value in (("concurrencylocal", local), ("concurrencyremote", remote)):
+        with open(os.path.join(root.control_dir, name), "w") as f:
+            f.write(f"{value}\n")
+
+
+def test_a_backlog_is_preprocessed_a_window_at_a_time_and_waiting_costs_a_persist(root):
+    """todo/ is durable already: a backlog stays there until delivery slots come near,
+    and only what then waits for a slot is persisted (so a restart knows its state)."""
+    _limits(root, 1, 1)
+    out = io.StringIO()
+    q = Queue(root.queue_dir)
+    ids = [q.inject(b"Subject: backlog\n\nx\n", "a@here.example", [f"r{i}@far.example"]).id for i in range(30)]
+    gate = asyncio.Event()
+    had_info = {}
+
+    async def remote(msg, recipients, messpath):
+        had_info[msg.id] = os.path.exists(q.info(msg.id))
+        await gate.wait()
+        return [("K", "127.0.0.2 accepted message.")] * len(recipients)
+
+    async def main():
+        sched = Scheduler(root, Log(out), remote=remote)
+        sched.lookahead_floor = 4
+        task = asyncio.create_task(sched.run())
+        await asyncio.sleep(0.3)  # within DURABLE_DELAY: nothing persisted yet
+        sched.log.flush()
+        early = out.getvalue().count("new msg ")
+        todo_early = len(q.todo_ids())
+        await asyncio.sleep(0.9)  # past DURABLE_DELAY: those waiting are persisted
+        gate.set()
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            if not q.mess_ids():
+                break
+        sched.on_term()
+        await task
+        return early, todo_early
+
+    early, todo_early = asyncio.run(main())
+    assert 4 <= early <= 5  # the lookahead of 4, one of them perhaps running already
+    assert todo_early == 30
+    assert q.mess_ids() == [] and q.todo_ids() == [] and q.info_ids() == []
+    assert out.getvalue().count("new msg ") == 30 and out.getvalue().count("end msg ") == 30
+    assert had_info[ids[0]] is False   # the first started at once
+    assert any(had_info.values())      # those that waited past the delay were persisted
+
+
+def test_mail_delivered_at_once_is_never_persisted(root):
+    _limits(root, 1, 5)
+    out = io.StringIO()
+    q = Queue(root.queue_dir)
+    for i in range(400):
+        q.inject(b"Subject: quick\n\nx\n", "a@here.example", [f"r{i}@far.example"])
+    had_info = []
+
+    async def remote(msg, recipients, messpath):
+        had_info.append(os.path.exists(q.info(msg.id)))
+        await asyncio.sleep(0.01)  # 400 of them at 5 at a time: 0.8 s in all
+        return [("K", "127.0.0.2 accepted message.")] * len(recipients)
+
+    async def main():
+        sched = Scheduler(root, Log(out), remote=remote)
+        sched.lookahead_floor = 10
+        task = asyncio.create_task(sched.run())
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            if not q.mess_ids():
+                break
+        sched.on_term()
+        await task
+
+    asyncio.run(main())
+    assert len(had_info) == 400 and not any(had_info)
+    assert q.mess_ids() == [] and q.todo_ids() == []
