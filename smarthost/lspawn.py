@@ -1,9 +1,12 @@
 """qmail-lspawn: the long-lived local delivery spawner.
 
 Started once by the scheduler (`python -m smarthost.lspawn ROOT`), it loads the
-delivery code and then forks one child per delivery, so a delivery never runs
-in the scheduler and never pays for a fresh interpreter. Each child finds the
-user (users/cdb, else the alias user), runs qmail-local's logic and reports.
+delivery code and then forks children for the deliveries, so a delivery never
+runs in the scheduler or the spawner and never pays for a fresh interpreter.
+A child makes one delivery at a time: it finds the user (users/cdb, else the
+alias user), runs qmail-local's logic and reports. Like Postfix's local(8), and
+unlike qmail-lspawn, a child that has reported may then take another delivery
+for the same user (see Pool), since a fork costs more than the delivery.
 
 Protocol (pipes): the scheduler writes `ID NUL MESSID NUL SENDER NUL RECIPIENT NUL`
 on fd 0; the spawner answers `ID NUL LETTER TEXT NUL` on fd 1 with LETTER K, Z
@@ -18,6 +21,7 @@ import os
 import selectors
 import signal
 import sys
+import time
 from typing import BinaryIO
 
 from miniqmail.fdio import write_all
@@ -32,6 +36,10 @@ DEATH = 86400
 TEMP_CODES = (111, 71, 74, 75)
 #: deliveries into a scratch Maildir before the first fork (see Spawner.warm_up)
 WARM_UP_ROUNDS = 20
+#: deliveries one child makes at most, one after another (Postfix's local: max_use 100)
+REUSE = 100
+#: seconds a child that has reported waits for another delivery
+IDLE = 2.0
 
 
 def letter_for(code: int) -> str:
@@ -58,6 +66,7 @@ class Spawner:
         self.defaultdelivery = ctl.line("defaultdelivery") or "./Maildir/"
         self.system_mode = root.mode == "system"
         self.env = dict(os.environ)
+        self.switched: tuple[int, int] | None = None  # in a system-mode child: the ids it took
 
     def inject_forward(self, uid: int):
         def inject(prefix: bytes, message: BinaryIO, sender: str, recipients: list[str]):
@@ -81,12 +90,16 @@ class Spawner:
         if self.system_mode:
             if user.uid == 0:
                 return 111, "Refusing to deliver as root. (#4.3.0)"
-            try:
-                os.setgroups([])
-                os.setgid(user.gid)
-                os.setuid(user.uid)
-            except OSError as e:
-                return 111, f"Unable to switch to user {user.user}: {e.strerror} (#4.3.0)"
+            if self.switched is None:
+                try:
+                    os.setgroups([])
+                    os.setgid(user.gid)
+                    os.setuid(user.uid)
+                except OSError as e:
+                    return 111, f"Unable to switch to user {user.user}: {e.strerror} (#4.3.0)"
+                self.switched = (user.uid, user.gid)
+            elif self.switched != (user.uid, user.gid):  # the spawner's key_for() prevents it
+                return 111, f"Unable to switch to user {user.user}: this child serves another. (#4.3.0)"
         try:
             message = open(self.queue.mess(messid), "rb")
         except OSError as e:
@@ -98,21 +111,31 @@ class Spawner:
             res = local.deliver(req, message, self.inject_forward(user.uid))
         return res.code, res.text
 
-    def child(self, wfd: int, messid: int, sender: str, recipient: str) -> None:
-        code, text = 111, "Delivery crashed. (#4.3.0)"
+    def worker(self, cmd: int, res: int) -> None:
+        """The child: deliveries one after another until its command pipe closes; never returns."""
         gc.disable()
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.alarm(DEATH)
-            code, text = self.deliver(messid, sender, recipient)
-        except BaseException as e:
-            code, text = 111, f"Delivery failed unexpectedly: {type(e).__name__}. (#4.3.0)"
+            pending = b""
+            while True:
+                while pending.count(b"\0") < 3:
+                    data = os.read(cmd, 65536)
+                    if not data:
+                        return
+                    pending += data
+                messid, sender, rcpt, pending = pending.split(b"\0", 3)
+                signal.alarm(DEATH)
+                try:
+                    code, text = self.deliver(int(messid), sender.decode("utf-8", "surrogateescape"),
+                                              rcpt.decode("utf-8", "surrogateescape"))
+                except Exception as e:
+                    code, text = 111, f"Delivery failed unexpectedly: {type(e).__name__}. (#4.3.0)"
+                signal.alarm(0)
+                report = f"{code}\0{text}".encode("utf-8", "surrogateescape")
+                write_all(res, b"%d:%s" % (len(report), report))
         finally:
-            try:
-                os.write(wfd, f"{code}\0{text}".encode("utf-8", "surrogateescape"))
-            finally:
-                os._exit(0)
+            os._exit(0)
 
     def warm_up(self, rounds: int = WARM_UP_ROUNDS) -> None:
         """Deliver a few messages into a scratch Maildir before the first fork.
@@ -148,6 +171,17 @@ class Spawner:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    def key_for(self, rcpt: bytes) -> object:
+        """Which children may take this delivery: any in user mode, else one of the same user."""
+        if not self.system_mode:
+            return None
+        localpart = rcpt.decode("utf-8", "surrogateescape").rpartition("@")[0]
+        try:
+            user = users.resolve(self.root.path, localpart, system_mode=True)
+        except Exception:
+            return object()  # a child of its own, which reports the trouble
+        return (user.uid, user.gid)
+
     def serve(self, cmd_in: int, out: int) -> None:
         # Children would otherwise copy every page the collector touches: keep
         # what is loaded now out of its sight, and let children skip it entirely.
@@ -155,59 +189,182 @@ class Spawner:
         self.warm_up()
         gc.collect()
         gc.freeze()
-        sel = selectors.DefaultSelector()
-        sel.register(cmd_in, selectors.EVENT_READ, None)
-        pending = b""
-        children: dict[int, tuple[int, bytes, bytearray]] = {}  # rfd -> (pid, id, output)
-        os.write(out, b"+")
-        eof = False
-        while not eof or children:
-            for key, _ in sel.select():
-                fd = key.fd
-                if fd == cmd_in:
-                    data = os.read(cmd_in, 65536)
-                    if not data:
-                        eof = True
-                        sel.unregister(cmd_in)
-                        continue
-                    pending += data
-                    while pending.count(b"\0") >= 4:
-                        did, messid, sender, rcpt, pending = pending.split(b"\0", 4)
-                        rfd, wfd = os.pipe()
-                        pid = os.fork()
-                        if pid == 0:
-                            os.close(rfd)
-                            for other in children:
-                                os.close(other)
-                            sel.close()
-                            # Nothing a delivery runs may touch the protocol pipes.
-                            null = os.open(os.devnull, os.O_RDWR)
-                            os.dup2(null, 0)
-                            os.dup2(null, 1)
-                            os.close(null)
-                            self.child(wfd, int(messid), sender.decode("utf-8", "surrogateescape"),
-                                       rcpt.decode("utf-8", "surrogateescape"))
-                        os.close(wfd)
-                        children[rfd] = (pid, did, bytearray())
-                        sel.register(rfd, selectors.EVENT_READ, None)
-                    continue
-                pid, did, buf = children[fd]
-                data = os.read(fd, 65536)
-                if data:
-                    if len(buf) < 2 * REPORT_MAX:
-                        buf += data
-                    continue
-                sel.unregister(fd)
-                os.close(fd)
-                del children[fd]
-                _, status = os.waitpid(pid, 0)
-                code_s, sep, text = bytes(buf).partition(b"\0")
-                if sep and code_s.isdigit() and os.waitstatus_to_exitcode(status) == 0:
-                    code = int(code_s)
-                    report = letter_for(code) + clean_text(text.decode("utf-8", "surrogateescape"))
+        Pool(self, cmd_in, out).run()
+
+
+class Worker:
+    """A delivery child as the spawner sees it."""
+
+    __slots__ = ("pid", "cmd", "res", "key", "served", "did", "buf", "idle_since")
+
+    def __init__(self, pid: int, cmd: int, res: int, key: object):
+        self.pid, self.cmd, self.res, self.key = pid, cmd, res, key
+        self.served = 0
+        self.did: bytes | None = None   # the delivery it is on; None when idle
+        self.buf = bytearray()
+        self.idle_since = 0.0
+
+
+class Pool:
+    """The spawner's loop: requests in, each to a child with nothing else to do, reports out.
+
+    A child that has reported waits up to IDLE seconds for another delivery of
+    the same user and serves at most REUSE; forking and first touching the
+    interpreter's pages cost several times more than a Maildir delivery itself.
+    A child that dies costs only the delivery it was on.
+    """
+
+    def __init__(self, spawner: Spawner, cmd_in: int, out: int):
+        self.spawner = spawner
+        self.cmd_in = cmd_in
+        self.out = out
+        self.sel = selectors.DefaultSelector()
+        self.workers: dict[int, Worker] = {}       # res fd -> worker
+        self.idle: dict[object, list[Worker]] = {}
+        self.closing = False
+
+    def fork(self, key: object) -> Worker:
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for fd in (cmd_w, res_r, self.cmd_in, self.out):
+                    os.close(fd)
+                for w in self.workers.values():
+                    if w.cmd >= 0:
+                        os.close(w.cmd)
+                    os.close(w.res)
+                self.sel.close()
+                # Nothing a delivery runs may touch the protocol pipes.
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 0)
+                os.dup2(null, 1)
+                os.close(null)
+                self.spawner.worker(cmd_r, res_w)
+            finally:
+                os._exit(111)
+        os.close(cmd_r)
+        os.close(res_w)
+        w = Worker(pid, cmd_w, res_r, key)
+        self.workers[res_r] = w
+        self.sel.register(res_r, selectors.EVENT_READ, None)
+        return w
+
+    def dispatch(self, did: bytes, messid: bytes, sender: bytes, rcpt: bytes) -> None:
+        key = self.spawner.key_for(rcpt)
+        idle = self.idle.get(key)
+        w = idle.pop() if idle else self.fork(key)
+        w.did = did
+        w.served += 1
+        try:
+            write_all(w.cmd, b"%s\0%s\0%s\0" % (messid, sender, rcpt))
+        except OSError:
+            pass  # it died while idle: its end of file reports the delivery as crashed
+
+    def retire(self, w: Worker) -> None:
+        """Tell a child to exit (its command pipe closes); it is reaped at its end of file."""
+        if w.cmd >= 0:
+            os.close(w.cmd)
+            w.cmd = -1
+
+    def report(self, did: bytes, report: str) -> None:
+        write_all(self.out, did + b"\0" + report.encode("utf-8", "surrogateescape") + b"\0")
+
+    def result(self, w: Worker) -> None:
+        data = os.read(w.res, 65536)
+        if data:
+            w.buf += data
+            head, sep, rest = bytes(w.buf[:12]).partition(b":")
+            if not sep:
+                if len(w.buf) > 12:
+                    self.kill(w)
+                return
+            if not head.isdigit():
+                self.kill(w)
+                return
+            size = int(head)
+            start = len(head) + 1
+            if len(w.buf) < start + size:
+                return
+            payload = bytes(w.buf[start:start + size])
+            del w.buf[:start + size]
+            code_s, sep, text = payload.partition(b"\0")
+            if w.did is not None and sep and code_s.lstrip(b"-").isdigit():
+                code = int(code_s)
+                self.report(w.did, letter_for(code) + clean_text(text.decode("utf-8", "surrogateescape")))
+                w.did = None
+                if w.served >= REUSE or self.closing:
+                    self.retire(w)
                 else:
-                    report = "ZDelivery process crashed. (#4.3.0)"
-                write_all(out, did + b"\0" + report.encode("utf-8", "surrogateescape") + b"\0")
+                    w.idle_since = time.monotonic()
+                    self.idle.setdefault(w.key, []).append(w)
+            else:
+                self.kill(w)
+            return
+        # End of file: the child is gone.
+        self.sel.unregister(w.res)
+        os.close(w.res)
+        del self.workers[w.res]
+        self.retire(w)
+        idle = self.idle.get(w.key)
+        if idle and w in idle:
+            idle.remove(w)
+        os.waitpid(w.pid, 0)
+        if w.did is not None:
+            self.report(w.did, "ZDelivery process crashed. (#4.3.0)")
+
+    def kill(self, w: Worker) -> None:
+        """A child that breaks the protocol: stop it; its end of file reports the delivery."""
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def expire(self, now: float) -> float | None:
+        """Retire children idle too long; seconds until the next one is due, if any."""
+        soonest = None
+        for key, idle in list(self.idle.items()):
+            keep = []
+            for w in idle:
+                left = w.idle_since + IDLE - now
+                if left <= 0:
+                    self.retire(w)
+                else:
+                    keep.append(w)
+                    soonest = left if soonest is None else min(soonest, left)
+            if keep:
+                self.idle[key] = keep
+            else:
+                del self.idle[key]
+        return soonest
+
+    def run(self) -> None:
+        self.sel.register(self.cmd_in, selectors.EVENT_READ, None)
+        pending = b""
+        os.write(self.out, b"+")
+        eof = False
+        timeout = None
+        while not eof or self.workers:
+            for key, _ in self.sel.select(timeout):
+                if key.fd != self.cmd_in:
+                    self.result(self.workers[key.fd])
+                    continue
+                data = os.read(self.cmd_in, 65536)
+                if not data:
+                    eof = self.closing = True
+                    self.sel.unregister(self.cmd_in)
+                    continue
+                pending += data
+                while pending.count(b"\0") >= 4:
+                    did, messid, sender, rcpt, pending = pending.split(b"\0", 4)
+                    self.dispatch(did, messid, sender, rcpt)
+            if eof:
+                for w in self.workers.values():
+                    if w.did is None:
+                        self.retire(w)
+                self.idle.clear()
+            timeout = self.expire(time.monotonic())
 
 
 def main() -> None:

@@ -1,0 +1,137 @@
+"""The local delivery spawner over its real pipes: a child makes one delivery at a time,
+may then serve more for the same user, and a child that dies costs only its own delivery."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Spawner:
+    def __init__(self, root):
+        self.proc = subprocess.Popen([sys.executable, "-m", "smarthost.lspawn", root.path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        assert self.read(1) == b"+"
+        self.buf = b""
+        self.ids = 0
+
+    def read(self, n: int, timeout: float = 20.0) -> bytes:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "the spawner said nothing"
+        return os.read(self.proc.stdout.fileno(), n)
+
+    def ask(self, messid: int, rcpt: str, sender: str = "a@b.example") -> int:
+        self.ids += 1
+        self.proc.stdin.write(b"%d\0%d\0%s\0%s\0" % (self.ids, messid, sender.encode(), rcpt.encode()))
+        return self.ids
+
+    def answer(self) -> tuple[int, str]:
+        while self.buf.count(b"\0") < 2:
+            data = self.read(65536)
+            assert data, "the spawner closed its end"
+            self.buf += data
+        did, report, self.buf = self.buf.split(b"\0", 2)
+        return int(did), report.decode()
+
+    def close(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(20)
+
+
+@pytest.fixture
+def home(root):
+    h = root.sub("home", "example")
+    with open(os.path.join(h, ".qmail-pid"), "w") as f:
+        f.write(f"|echo $PPID >> {h}/pids\n")
+    with open(os.path.join(h, ".qmail-die"), "w") as f:
+        f.write("|kill -9 $PPID; sleep 5\n")
+    with open(os.path.join(h, ".qmail-slow"), "w") as f:
+        f.write(f"|sleep 1; echo slow >> {h}/slow\n")
+    return h
+
+
+@pytest.fixture
+def messid(root):
+    from smarthost.queue import Queue
+    return Queue(root.queue_dir).inject(b"Subject: spawn\n\nx\n", "a@b.example", ["x@y.example"], trigger=False).id
+
+
+def letter(sp: Spawner, d: int) -> str:
+    """The answer's letter (K, Z or D), which must be for delivery `d`."""
+    did, report = sp.answer()
+    assert did == d
+    return report[:1]
+
+
+def pids(home) -> list[int]:
+    with open(os.path.join(home, "pids")) as f:
+        return [int(line) for line in f]
+
+
+def test_one_child_serves_deliveries_one_after_another(root, home, messid):
+    sp = Spawner(root)
+    try:
+        for _ in range(5):
+            d = sp.ask(messid, "example-pid@mx.test.invalid")
+            assert letter(sp, d) == "K"
+        seen = pids(home)
+        assert len(seen) == 5 and len(set(seen)) == 1
+        assert seen[0] not in (sp.proc.pid, os.getpid())   # never the spawner itself
+        # two at once: two children, each on one delivery
+        sp.ask(messid, "example-slow@mx.test.invalid")
+        sp.ask(messid, "example-pid@mx.test.invalid")
+        assert sorted(sp.answer()[1][:1] for _ in range(2)) == ["K", "K"]
+        assert len(set(pids(home))) == 2
+    finally:
+        assert sp.close() == 0
+
+
+def test_a_child_that_dies_costs_only_its_own_delivery(root, home, messid):
+    sp = Spawner(root)
+    try:
+        d = sp.ask(messid, "example-pid@mx.test.invalid")
+        assert letter(sp, d) == "K"
+        d = sp.ask(messid, "example-die@mx.test.invalid")
+        assert sp.answer() == (d, "ZDelivery process crashed. (#4.3.0)")
+        d = sp.ask(messid, "example-pid@mx.test.invalid")
+        assert letter(sp, d) == "K"
+        first, second = pids(home)
+        assert first != second   # the child that died was the one that had served before
+    finally:
+        assert sp.close() == 0
+
+
+def test_an_idle_child_exits_and_a_fresh_one_takes_over(root, home, messid):
+    from smarthost.lspawn import IDLE
+
+    sp = Spawner(root)
+    try:
+        d = sp.ask(messid, "example-pid@mx.test.invalid")
+        assert letter(sp, d) == "K"
+        child = pids(home)[0]
+        deadline = time.monotonic() + IDLE + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{child}"), "the idle child is still there"
+        d = sp.ask(messid, "example-pid@mx.test.invalid")
+        assert letter(sp, d) == "K"
+        assert pids(home)[1] != child
+    finally:
+        assert sp.close() == 0
+
+
+def test_closing_the_requests_lets_deliveries_under_way_finish(root, home, messid):
+    sp = Spawner(root)
+    d = sp.ask(messid, "example-slow@mx.test.invalid")
+    sp.proc.stdin.close()
+    assert letter(sp, d) == "K"
+    assert sp.proc.wait(20) == 0
+    with open(os.path.join(home, "slow")) as f:
+        assert f.read() == "slow\n"
