@@ -70,6 +70,7 @@ async def serve(root: Root, log: Log, listeners: list[QmqpListener], workers: li
         scheduler.on_stop.append(stop_workers)
         await scheduler.run()
     finally:
+        await relay.close()
         for listener in listeners:
             await listener.wait_closed(STOP_GRACE)
         stop_workers()

@@ -3,8 +3,8 @@
 import pytest
 
 from smarthost.remote.smtp_codec import ReplyParser
-from smarthost.remote.smtp_session import (BODY, READ, Died, Send, SmtpSession, StartTls, TlsFailed, TlsInfo,
-                                           Transaction)
+from smarthost.remote.smtp_session import (BODY, READ, Died, Resume, Send, SmtpSession, StartTls, TlsFailed,
+                                           TlsInfo, Transaction)
 from smarthost.remote.tlspolicy import TlsMode
 
 GREET = b"220 mx ESMTP\r\n"
@@ -19,10 +19,16 @@ def reply(raw: bytes):
 
 
 def play(script, **kw):
-    """Run a session: each READ takes the next script item (bytes, or an exception to throw)."""
+    """Run a session: each READ takes the next script item (bytes, or an exception to throw).
+
+    `session=[]` gets the SmtpSession appended; `resume=` starts it on a kept connection."""
+    into, resume = kw.pop("session", None), kw.pop("resume", None)
     t = Transaction(helohost="me.test", sender=kw.pop("sender", "s@me.test"),
                     recipients=tuple(kw.pop("rcpts", ["a@x.test"])), partner="10.0.0.1", domain="x.test", **kw)
-    gen = SmtpSession(t).run()
+    session = SmtpSession(t, resume)
+    if into is not None:
+        into.append(session)
+    gen = session.run()
     items = iter(script)
     sent, value, exc = [], None, None
     while True:
@@ -136,3 +142,36 @@ def test_partial_line_and_unsafe_addresses_never_reach_the_wire():
     out, sent = play([GREET, EHLO_PIPE, OK, OK, b"354 go\r\n", OK], rcpts=["bad\n@x.test", "a@x.test", "b\0@x.test"])
     assert sent[1] == b"MAIL FROM:<s@me.test> BODY=8BITMIME\r\nRCPT TO:<a@x.test>\r\nDATA\r\n"
     assert [r[0] for r in out.rcpts] == ["h", "r", "h"]
+
+
+KEPT = Resume({"PIPELINING": "", "8BITMIME": ""}, None)
+
+
+def test_a_kept_connection_starts_at_mail_from_and_may_carry_the_next():
+    got = []
+    out, sent = play([OK, OK, b"354 go\r\n", b"250 queued\r\n"], resume=KEPT, session=got)
+    assert sent == [b"MAIL FROM:<s@me.test> BODY=8BITMIME\r\nRCPT TO:<a@x.test>\r\nDATA\r\n", "BODY"]
+    assert out.letter == "K" and not out.stale
+    assert got[0].reusable
+
+
+@pytest.mark.parametrize("first", [b"421 closing\r\n", Died("The connection closed")], ids=["421", "died"])
+def test_a_kept_connection_that_fails_before_mail_is_answered_is_stale(first):
+    out, _ = play([first], resume=KEPT)
+    assert out.letter == "Z" and out.stale
+
+
+def test_a_failure_after_mail_is_answered_is_a_result_not_staleness():
+    got = []
+    out, _ = play([OK, OK, b"354 go\r\n", Died("The connection closed")], resume=KEPT, session=got)
+    assert out.letter == "Z" and not out.stale
+    assert not got[0].reusable
+
+
+def test_a_421_after_the_message_ends_the_connection():
+    got = []
+    out, _ = play([GREET, EHLO_PIPE, OK, OK, b"354 go\r\n", b"421 shutting down\r\n"], session=got)
+    assert out.letter == "Z" and not got[0].reusable
+    got = []
+    out, _ = play([GREET, EHLO_PIPE, OK, OK, b"354 go\r\n", b"554 no\r\n"], session=got)
+    assert out.letter == "D" and got[0].reusable

@@ -30,7 +30,8 @@ from smarthost.remote.mx import DnsLookup, Lookup, plan
 from smarthost.remote.qmtp_client import exchange
 from smarthost.remote.report import Z, Outcome
 from smarthost.remote.routing import IP, Target, route
-from smarthost.remote.smtp_session import SmtpSession, Transaction
+from smarthost.remote.sessions import SessionCache
+from smarthost.remote.smtp_session import Resume, SmtpSession, Transaction
 from smarthost.remote.tcpto import TcptoFiles
 from smarthost.remote.tlspolicy import TlsMode, opportunistic_context, verifying_context
 from smarthost.remote.transport import Channel, ConnectFailed, connect, drive
@@ -73,6 +74,7 @@ class Environment:
     log: Log
     rng: random.Random = field(default_factory=random.Random)
     contexts: dict[bool, ssl.SSLContext] = field(default_factory=dict)
+    sessions: SessionCache | None = None   # connections kept for the next message, if any
 
     def ipme(self) -> frozenset[IP]:
         return ipme(list(self.config.moreipme), list(self.config.notipme))
@@ -117,7 +119,18 @@ async def _smtp(env: Environment, t: Target, domain: str, sender: str, recipient
     """SMTP to `t` (again without STARTTLS if its handshake failed); None if no connection."""
     cfg = env.config
     starttls = True
+    name = _server_name(t)
     while True:
+        key = (t.ip, t.smtp_port, cfg.helohost, mode, starttls, name)
+        transaction = Transaction(helohost=cfg.helohost, sender=sender, recipients=recipients,
+                                  partner=str(t.ip), domain=domain, tls=mode, starttls=starttls,
+                                  partial_line=partial)
+        kept = env.sessions.take(key) if env.sessions is not None else None
+        if kept is not None:
+            out = await drive(kept.chan, SmtpSession(transaction, kept.resume), msg.open, env.tls_context,
+                              name, _keeper(env, key, kept.uses + 1))
+            if not out.stale:
+                return out
         try:
             reader, writer = await connect(t.ip, t.smtp_port, cfg.timeoutconnect)
         except ConnectFailed as e:
@@ -126,17 +139,25 @@ async def _smtp(env: Environment, t: Target, domain: str, sender: str, recipient
             return None
         env.tcpto.note(t.ip, False, seen)
         seen = False
-        session = SmtpSession(Transaction(helohost=cfg.helohost, sender=sender, recipients=recipients,
-                                          partner=str(t.ip), domain=domain, tls=mode, starttls=starttls,
-                                          partial_line=partial))
-        out = await drive(Channel(reader, writer, cfg.timeoutremote), session, msg.open,
-                          env.tls_context, _server_name(t))
+        out = await drive(Channel(reader, writer, cfg.timeoutremote), SmtpSession(transaction), msg.open,
+                          env.tls_context, name, _keeper(env, key, 1))
         for note in out.notes:
             env.log("remote: " + clean(note))
         if not (out.plain_retry and starttls):
             return out
         env.log(f"remote: TLS with {t.ip} failed; trying it again without TLS")
         starttls = False
+
+
+def _keeper(env: Environment, key: tuple, uses: int):
+    """drive()'s `keep`: hand a connection that can carry another message to env.sessions."""
+    if env.sessions is None:
+        return None
+    sessions = env.sessions
+
+    def keep(chan: Channel, session: SmtpSession) -> bool:
+        return sessions.keep(key, chan, Resume(session.ext, session.tls), uses)
+    return keep
 
 
 async def deliver_message(env: Environment, domain: str, sender: str, recipients: tuple[str, ...],
@@ -186,6 +207,7 @@ class RemoteDelivery:
         self.rng = random.Random()
         self._lookup: tuple[object, DnsLookup] | None = None
         self._contexts: tuple[object, dict[bool, ssl.SSLContext]] | None = None
+        self.sessions = SessionCache()
         if clean_tcpto:
             try:
                 self.tcpto.clear()
@@ -201,7 +223,11 @@ class RemoteDelivery:
         ca_key = (cfg.tlsca, os.stat(cfg.tlsca).st_mtime_ns if cfg.tlsca else None)
         if self._contexts is None or self._contexts[0] != ca_key:
             self._contexts = (ca_key, {})
-        return Environment(cfg, self._lookup[1], self.tcpto, self.log, self.rng, self._contexts[1])
+        return Environment(cfg, self._lookup[1], self.tcpto, self.log, self.rng, self._contexts[1], self.sessions)
+
+    async def close(self) -> None:
+        """QUIT the connections kept for more messages (at shutdown)."""
+        await self.sessions.close()
 
     async def deliver(self, sender: str, recipients: list[str], messpath: str) -> list[tuple[str, str]]:
         """One (K|Z|D, text) per recipient, in order; all recipients share one domain."""

@@ -58,6 +58,8 @@ class Outcome:
     plain_retry: bool = False
     #: lines for the log (TLS outcome and the like)
     notes: list[str] = field(default_factory=list)
+    #: a kept connection failed before the server answered for this message: try a fresh one
+    stale: bool = False
 
 
 def message(letter: str, text: str) -> Outcome:

@@ -9,7 +9,10 @@ qmail's dialogue, step for step, with what goes beyond qmail made explicit:
 EHLO first and HELO when EHLO gets a 5xx; STARTTLS when offered and allowed
 by the destination's TLS policy; `BODY=8BITMIME` when offered; MAIL, RCPT and
 DATA sent in batches when PIPELINING is offered; every recipient of the
-transaction in one envelope.
+transaction in one envelope. A session may also go on over a connection an
+earlier transaction left open (`Resume`, see smarthost.remote.sessions): then
+it starts at MAIL FROM, and a connection that fails before the server answers
+it ends `stale`, so the caller can try a fresh one.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ class TlsInfo:
     version: str
     cipher: str
     verified: bool
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What an earlier session on the same connection learnt."""
+
+    ext: dict[str, str]
+    tls: TlsInfo | None
 
 
 class _Read:
@@ -82,19 +93,24 @@ class Transaction:
 
 
 class SmtpSession:
-    def __init__(self, t: Transaction):
+    def __init__(self, t: Transaction, resume: Resume | None = None):
         self.t = t
+        self.resume = resume
+        self.ext: dict[str, str] = resume.ext if resume else {}
+        self.heard = False         # the server answered MAIL FROM (a kept connection works)
+        self.reusable = False      # the transaction ended cleanly: the connection may carry another
         self.rcpts: list[tuple[str, str]] = []
         self.notes: list[str] = []
         self.critical = False      # the final dot is sent and its reply not read
         self.phase = "at the greeting"
-        self.tls: TlsInfo | None = None
+        self.tls: TlsInfo | None = resume.tls if resume else None
 
     def run(self) -> Generator[Op, Any, Outcome]:
         try:
             out = yield from self._dialogue()
         except Died as e:
             out = Outcome(Z, dropped(self.t.partner, f"{e.cause} {self.phase}.", self.critical))
+            out.stale = self.resume is not None and not self.heard
         out.rcpts = self.rcpts
         out.notes = self.notes + out.notes
         return out
@@ -112,6 +128,16 @@ class SmtpSession:
 
     # -- the dialogue -------------------------------------------------------------
     def _dialogue(self) -> Generator[Op, Any, Outcome]:
+        t = self.t
+        if self.resume is None:
+            ext = yield from self._open()
+            if isinstance(ext, Outcome):
+                return ext
+            self.ext = ext
+        return (yield from self._transaction(self.ext))
+
+    def _open(self) -> Generator[Op, Any, dict[str, str] | Outcome]:
+        """Greeting, EHLO, STARTTLS: the extensions the transaction may use, or the end."""
         t = self.t
         greeting = yield READ
         if greeting.code != 220:
@@ -142,6 +168,10 @@ class SmtpSession:
                 self.notes.append(f"STARTTLS refused by {t.partner}: {reply.code}; going on without TLS")
         elif required:
             return self._policy("it does not offer STARTTLS")
+        return ext
+
+    def _transaction(self, ext: dict[str, str]) -> Generator[Op, Any, Outcome]:
+        t = self.t
         if t.partial_line:
             return Outcome(D, PARTIAL)
         if unsafe_address(t.sender):
@@ -174,6 +204,12 @@ class SmtpSession:
                 return {}
         return self._end(Z, "Connected to ", " but my name was rejected", reply)
 
+    def _mail_reply(self, reply: Reply) -> None:
+        """A kept connection whose server says it is closing (421) is stale, not an answer."""
+        if self.resume is not None and reply.code == 421:
+            raise Died("The server closed the kept connection")
+        self.heard = True
+
     def _sender_rejected(self, reply: Reply) -> Outcome:
         return self._end(D if reply.code >= 500 else Z, "Connected to ", " but sender was rejected", reply)
 
@@ -199,6 +235,7 @@ class SmtpSession:
         self.phase = "after MAIL FROM"
         yield Send(mail)
         reply = yield READ
+        self._mail_reply(reply)
         if reply.code >= 400:
             return self._sender_rejected(reply)
         for cmd in rcpts:
@@ -222,6 +259,7 @@ class SmtpSession:
             if mail_reply is None:
                 self.phase = "after MAIL FROM"
                 mail_reply = yield READ
+                self._mail_reply(mail_reply)
             for _ in group:
                 self.phase = "after RCPT TO"
                 reply = yield READ
@@ -255,6 +293,7 @@ class SmtpSession:
         self.phase = "after the end of the message"
         reply = yield READ
         self.critical = False
+        self.reusable = reply.code != 421  # the server is back where a new MAIL FROM may come
         if reply.code >= 500:
             return self._end(D, "", " failed after I sent the message", reply)
         if reply.code >= 400:

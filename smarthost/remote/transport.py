@@ -60,6 +60,10 @@ class Channel:
         self.parser = ReplyParser()
         self.dead = False
 
+    def usable(self) -> bool:
+        """Still open as far as this end can tell (a kept connection, before reuse)."""
+        return not self.dead and not self.writer.is_closing() and not self.reader.at_eof()
+
     def die(self, cause: str) -> Died:
         """Mark the connection unusable; the Died to raise."""
         self.dead = True
@@ -154,8 +158,9 @@ class Channel:
 
 
 async def drive(chan: Channel, session: SmtpSession, open_body: Callable[[], BinaryIO],
-                tls_context: Callable[[bool], ssl.SSLContext], server_hostname: str | None) -> Outcome:
-    """Run the session's dialogue over `chan`; always closes it."""
+                tls_context: Callable[[bool], ssl.SSLContext], server_hostname: str | None,
+                keep: Callable[[Channel, SmtpSession], bool] | None = None) -> Outcome:
+    """Run the session's dialogue over `chan`; then close it, unless `keep` takes it."""
     gen = session.run()
     value: object = None
     exc: BaseException | None = None
@@ -192,4 +197,5 @@ async def drive(chan: Channel, session: SmtpSession, open_body: Callable[[], Bin
                 exc = e
     finally:
         gen.close()
-        await chan.close()
+        if not (keep is not None and session.reusable and chan.usable() and keep(chan, session)):
+            await chan.close()
