@@ -55,6 +55,7 @@ async def serve(root: Root, log: Log, listeners: list[QmqpListener], workers: li
         return await relay.deliver(msg.sender, recipients, messpath)
 
     scheduler = Scheduler(root, log, remote=remote)
+    scheduler.on_hup_hooks.append(relay.reread)
 
     def stop_workers() -> None:
         for pid in workers:

@@ -105,6 +105,8 @@ class Scheduler:
         self.lookahead_floor = LOOKAHEAD
         #: called once when SIGTERM arrives (the daemon closes its listeners there)
         self.on_stop: list[Callable[[], None]] = []
+        #: called at SIGHUP, after the scheduler's own control files (the relay rereads its own)
+        self.on_hup_hooks: list[Callable[[], None]] = []
 
     # -- helpers ---------------------------------------------------------------
     def status(self) -> None:
@@ -416,6 +418,8 @@ class Scheduler:
             self.settings = Settings.from_root(self.root)
         except OSError as e:
             self.log(f"alert: unable to reread controls: {safe(str(e))}")
+        for fn in self.on_hup_hooks:
+            fn()
         self.poke()
 
     def on_term(self) -> None:

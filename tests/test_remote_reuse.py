@@ -1,4 +1,5 @@
-"""SMTP connections kept for the next message to the same server (smarthost.remote.sessions)."""
+"""What the relay keeps between deliveries: SMTP connections for the next message to the same
+server (smarthost.remote.sessions), and the control files for a second."""
 
 from __future__ import annotations
 
@@ -94,3 +95,30 @@ def test_a_connection_is_kept_only_for_the_same_server_and_terms(site):
     assert asyncio.run(main()) == "KKKK"
     assert (one.connections, two.connections) == (1, 1)
     assert [m.rcpts for m in one.mails] == [["a@d.test"], ["c@d.test"]]
+
+
+def test_control_files_are_read_again_after_a_second_or_at_once_on_sighup(site):
+    import time
+
+    from smarthost.remote.deliver import CONTROL_TTL
+
+    one, two = site.smtp("127.0.0.2"), site.smtp("127.0.0.3")
+    site.control("smtproutes", "f.test:127.0.0.2\n")
+    rd = site.delivery()
+
+    async def main():
+        out = letters(await rd.deliver("s@here.test", ["a@f.test"], site.message()))
+        site.control("smtproutes", "f.test:127.0.0.3\n")
+        rd.reread()  # what SIGHUP does
+        out += letters(await rd.deliver("s@here.test", ["b@f.test"], site.message()))
+        site.control("smtproutes", "f.test:127.0.0.2\n")
+        await asyncio.sleep(CONTROL_TTL + 0.1)
+        out += letters(await rd.deliver("s@here.test", ["c@f.test"], site.message()))
+        await rd.close()
+        return out
+
+    t = time.monotonic()
+    assert asyncio.run(main()) == "KKK"
+    assert time.monotonic() - t < 10
+    assert [m.rcpts for m in one.mails] == [["a@f.test"], ["c@f.test"]]
+    assert [m.rcpts for m in two.mails] == [["b@f.test"]]

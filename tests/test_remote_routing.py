@@ -6,6 +6,7 @@ import random
 import struct
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from miniqmail.control import Control, ControlError
 from smarthost.remote.config import RemoteConfig, parse_resolver
@@ -199,3 +200,11 @@ def test_tcpto_evicts_the_oldest_when_full():
         t.note(bytes([10, 0, 0, i]), True, 10_000 + i)
     t.note(bytes([10, 0, 1, 0]), True, 20_000)
     assert t.find(bytes([10, 0, 0, 0])) is None and t.find(bytes([10, 0, 1, 0])) == 0
+
+
+@given(st.binary(max_size=64 * 16), st.binary(min_size=4, max_size=4), st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_tcpto_finds_an_address_only_at_the_start_of_a_record(before, addr, after):
+    t = Table(before + addr + after, V4)  # the address somewhere, aligned or not
+    naive = next((i for i in range(64) if bytes(t.data[i * 16:i * 16 + 4]) == addr), None)
+    assert t.find(addr) == naive

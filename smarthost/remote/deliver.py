@@ -9,9 +9,12 @@ the MXPS QMTP slice (or a qmtproutes relay) gets QMTP first, and SMTP on the
 same address only if the QMTP connection cannot be made.
 
 `RemoteDelivery` is the scheduler's remote channel: it reads the control
-files for every delivery (as qmail-remote does at every run), keeps what is
-costly to build (the resolver and its cache, TLS contexts), and clears
-tcpto when it is made, as qmail-rspawn does when it starts.
+files again for a delivery at most CONTROL_TTL seconds after it last read
+them (qmail-remote reads them at every run; reading them for each of a
+thousand deliveries a second would cost more than the SMTP dialogue), keeps
+what is costly to build (the resolver and its cache, TLS contexts, kept
+connections), and clears tcpto when it is made, as qmail-rspawn does when
+it starts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -38,6 +42,8 @@ from smarthost.remote.transport import Channel, ConnectFailed, connect, drive
 from smarthost.root import Root
 
 Log = Callable[[str], None]
+#: seconds the control files read for one delivery serve the next ones
+CONTROL_TTL = 1.0
 
 
 class MessageSource:
@@ -208,6 +214,7 @@ class RemoteDelivery:
         self._lookup: tuple[object, DnsLookup] | None = None
         self._contexts: tuple[object, dict[bool, ssl.SSLContext]] | None = None
         self.sessions = SessionCache()
+        self._env: tuple[float, Environment] | None = None
         if clean_tcpto:
             try:
                 self.tcpto.clear()
@@ -215,7 +222,17 @@ class RemoteDelivery:
                 pass
 
     def environment(self) -> Environment:
-        """Control files read now; ControlError if one is unreadable."""
+        """Control files read within CONTROL_TTL seconds; ControlError if one is unreadable."""
+        now = time.monotonic()
+        if self._env is None or now - self._env[0] >= CONTROL_TTL:
+            self._env = (now, self._read_environment())
+        return self._env[1]
+
+    def reread(self) -> None:
+        """The next delivery reads the control files afresh (SIGHUP)."""
+        self._env = None
+
+    def _read_environment(self) -> Environment:
         cfg = RemoteConfig.from_control(self.root.control)
         key = (cfg.resolvers, cfg.timeoutdns)
         if self._lookup is None or self._lookup[0] != key:

@@ -71,9 +71,12 @@ class Table:
         struct.pack_into("<I", self.data, base + lay.when, when & 0xFFFFFFFF)
 
     def find(self, addr: bytes) -> int | None:
-        for i in range(RECORDS):
-            if self._at(i)[0] == addr:
-                return i
+        size = self.layout.size
+        at = self.data.find(addr)
+        while at >= 0:
+            if at % size == 0:  # an address at the start of a record, not bytes inside one
+                return at // size
+            at = self.data.find(addr, at + 1)
         return None
 
     def parked(self, addr: bytes, now: int, jitter: int) -> bool:
