@@ -203,6 +203,10 @@ class QmqpListener:
         pending: list[asyncio.Future] = []
 
         async def in_thread(fn: Callable, *args: object) -> object:
+            if len(self._sessions) <= 1:
+                # Alone: the trip to a worker thread and back would cost more
+                # than the loop could do for anyone else meanwhile.
+                return fn(*args)
             # Shielded: a cancelled session still lets its disk work finish (see finally).
             fut = loop.run_in_executor(None, fn, *args)
             pending[:] = [fut]
