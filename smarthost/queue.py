@@ -271,8 +271,8 @@ class Queue:
                 pass
         return n, mess_path, fd
 
-    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes],
-                    sync: bool = True) -> str:
+    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes]) -> int:
+        """Write intd/N (not synced); its descriptor, still open, for the caller's fsync."""
         path = self.intd(n)
         data = bytearray(b"u%d\0p%d\0F" % (os.getuid() if uid is None else uid, qp))
         data += sender + b"\0"
@@ -292,14 +292,11 @@ class Queue:
                 raise QueueError(f"unable to create intd/{n}: {e.strerror}", exit_code=QQ.INTD) from None
         try:
             write_all(fd, bytes(data))
-            if sync:
-                os.fsync(fd)
         except OSError as e:
             os.close(fd)
             os.unlink(path)
             raise QueueError(f"unable to write intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
-        os.close(fd)
-        return path
+        return fd
 
     def poke(self) -> None:
         """Wake the scheduler: one byte into lock/trigger, ignoring every error."""
@@ -429,12 +426,14 @@ class Draft:
             os.fsync(self._fd)
         except OSError as e:
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
-        intd_path = q._write_intd(n, uid, qp, sender, rcpts, sync=False)
+        intd_fd = q._write_intd(n, uid, qp, sender, rcpts)
+        intd_path = q.intd(n)
         try:
             if not q.file_fsync_covers_links:
                 q._dirsync(os.path.dirname(self.path))
             os.link(intd_path, q.todo(n))
         except OSError as e:
+            os.close(intd_fd)
             try:
                 os.unlink(intd_path)
             except OSError:
@@ -444,13 +443,14 @@ class Draft:
         # durable in one commit; elsewhere the directory fsync below does it.
         # Until both return nobody has been told "queued": a crash in between can
         # leave a todo/N with an envelope cut short, which start-up removes as a
-        # never-acknowledged injection (sendqueue.IncompleteTodo).
+        # never-acknowledged injection (sendqueue.IncompleteTodo). The descriptor,
+        # not the name: once todo/N exists, the scheduler may deliver the message
+        # and remove intd/N before this fsync.
         try:
-            fd = os.open(intd_path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                os.fsync(intd_fd)
             finally:
-                os.close(fd)
+                os.close(intd_fd)
         except OSError as e:
             for p in (q.todo(n), intd_path):
                 try:

@@ -99,7 +99,7 @@ def test_crash_before_commit_is_invisible_and_cleaned(q, step):
         if step == "mess":
             return
         n = d.id
-        q._write_intd(n, 0, 1, b"a@b", [b"c@d"])
+        os.close(q._write_intd(n, 0, 1, b"a@b", [b"c@d"]))
         if step == "intd":
             return
         os.fsync(d._fd)
@@ -132,6 +132,25 @@ def test_committed_message_survives_a_crash_right_after(q):
     _die_in_child(crash)
     assert len(q.todo_ids()) == 1
     assert q.cleanup() == []
+
+
+def test_the_scheduler_may_finish_a_message_before_its_injection_returns(q, monkeypatch):
+    """Once todo/N exists the scheduler may deliver it and remove its files at
+    once, before the injection's last fsync: the injection still succeeds."""
+    real_link = os.link
+
+    def link_then_deliver(src, dst, *a, **kw):
+        real_link(src, dst, *a, **kw)
+        if "/todo/" in str(dst):  # what Scheduler.finish() does, at the worst moment
+            n = int(os.path.basename(dst))
+            for p in (q.todo(n), q.intd(n)):
+                os.unlink(p)
+
+    monkeypatch.setattr(os, "link", link_then_deliver)
+    done = q.inject(b"Subject: raced\n\nx\n", "a@b.example", ["c@d.example"])
+    monkeypatch.undo()
+    assert done.id > 0
+    assert q.todo_ids() == [] and not os.path.exists(q.intd(done.id))
 
 
 def test_many_concurrent_injections_get_distinct_ids(q):
