@@ -75,56 +75,51 @@ def pids(home) -> list[int]:
         return [int(line) for line in f]
 
 
-def test_one_child_serves_deliveries_one_after_another(root, home, messid):
-    sp = Spawner(root)
-    try:
-        for _ in range(5):
-            d = sp.ask(messid, "example-pid@mx.test.invalid")
-            assert letter(sp, d) == "K"
-        seen = pids(home)
-        assert len(seen) == 5 and len(set(seen)) == 1
-        assert seen[0] not in (sp.proc.pid, os.getpid())   # never the spawner itself
-        # two at once: two children, each on one delivery
-        sp.ask(messid, "example-slow@mx.test.invalid")
-        sp.ask(messid, "example-pid@mx.test.invalid")
-        assert sorted(sp.answer()[1][:1] for _ in range(2)) == ["K", "K"]
-        assert len(set(pids(home))) == 2
-    finally:
-        assert sp.close() == 0
+@pytest.fixture
+def sp(root, home):
+    spawner = Spawner(root)
+    yield spawner
+    assert spawner.close() == 0
 
 
-def test_a_child_that_dies_costs_only_its_own_delivery(root, home, messid):
-    sp = Spawner(root)
-    try:
-        d = sp.ask(messid, "example-pid@mx.test.invalid")
-        assert letter(sp, d) == "K"
-        d = sp.ask(messid, "example-die@mx.test.invalid")
-        assert sp.answer() == (d, "ZDelivery process crashed. (#4.3.0)")
-        d = sp.ask(messid, "example-pid@mx.test.invalid")
-        assert letter(sp, d) == "K"
-        first, second = pids(home)
-        assert first != second   # the child that died was the one that had served before
-    finally:
-        assert sp.close() == 0
+def delivered(sp: Spawner, messid: int, rcpt: str) -> str:
+    """One delivery, waited for: its answer's letter."""
+    return letter(sp, sp.ask(messid, rcpt))
 
 
-def test_an_idle_child_exits_and_a_fresh_one_takes_over(root, home, messid):
+def test_one_child_serves_deliveries_one_after_another(sp, home, messid):
+    for _ in range(5):
+        assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    seen = pids(home)
+    assert len(seen) == 5 and len(set(seen)) == 1
+    assert seen[0] not in (sp.proc.pid, os.getpid())   # never the spawner itself
+    # two at once: two children, each on one delivery
+    sp.ask(messid, "example-slow@mx.test.invalid")
+    sp.ask(messid, "example-pid@mx.test.invalid")
+    assert sorted(sp.answer()[1][:1] for _ in range(2)) == ["K", "K"]
+    assert len(set(pids(home))) == 2
+
+
+def test_a_child_that_dies_costs_only_its_own_delivery(sp, home, messid):
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    d = sp.ask(messid, "example-die@mx.test.invalid")
+    assert sp.answer() == (d, "ZDelivery process crashed. (#4.3.0)")
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    first, second = pids(home)
+    assert first != second   # the child that died was the one that had served before
+
+
+def test_an_idle_child_exits_and_a_fresh_one_takes_over(sp, home, messid):
     from smarthost.lspawn import IDLE
 
-    sp = Spawner(root)
-    try:
-        d = sp.ask(messid, "example-pid@mx.test.invalid")
-        assert letter(sp, d) == "K"
-        child = pids(home)[0]
-        deadline = time.monotonic() + IDLE + 10
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
-            time.sleep(0.1)
-        assert not os.path.exists(f"/proc/{child}"), "the idle child is still there"
-        d = sp.ask(messid, "example-pid@mx.test.invalid")
-        assert letter(sp, d) == "K"
-        assert pids(home)[1] != child
-    finally:
-        assert sp.close() == 0
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    child = pids(home)[0]
+    deadline = time.monotonic() + IDLE + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}"), "the idle child is still there"
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    assert pids(home)[1] != child
 
 
 def test_closing_the_requests_lets_deliveries_under_way_finish(root, home, messid):

@@ -14,6 +14,15 @@ from tests.conftest import run_scheduler_until
 pytestmark = pytest.mark.timeout(60)
 
 
+async def stop_when_empty(sched, q: Queue, seconds: float) -> None:
+    """Let `sched` run until the queue holds no message (or `seconds` pass), then stop it."""
+    for _ in range(int(seconds / 0.05)):
+        await asyncio.sleep(0.05)
+        if not q.mess_ids():
+            break
+    sched.on_term()
+
+
 def test_remote_recipients_go_one_transaction_per_domain(root):
     calls = []
     out = io.StringIO()
@@ -51,11 +60,7 @@ def test_periodic_cleanup_removes_leftovers_of_dead_injections(root):
         d._done = True          # pretend it was committed so close() leaves the files...
         d.close()               # ...and releases its lock, as a dead process would
         assert q.mess_ids() == [n]
-        for _ in range(60):
-            await asyncio.sleep(0.05)
-            if not q.mess_ids():
-                break
-        sched.on_term()
+        await stop_when_empty(sched, q, 3)
         await task
         return n
 
@@ -95,11 +100,7 @@ def test_a_backlog_is_preprocessed_a_window_at_a_time_and_waiting_costs_a_persis
         todo_early = len(q.todo_ids())
         await asyncio.sleep(0.9)  # past DURABLE_DELAY: those waiting are persisted
         gate.set()
-        for _ in range(400):
-            await asyncio.sleep(0.05)
-            if not q.mess_ids():
-                break
-        sched.on_term()
+        await stop_when_empty(sched, q, 20)
         await task
         return early, todo_early
 
@@ -129,11 +130,7 @@ def test_mail_delivered_at_once_is_never_persisted(root):
         sched = Scheduler(root, Log(out), remote=remote)
         sched.lookahead_floor = 10
         task = asyncio.create_task(sched.run())
-        for _ in range(600):
-            await asyncio.sleep(0.05)
-            if not q.mess_ids():
-                break
-        sched.on_term()
+        await stop_when_empty(sched, q, 30)
         await task
 
     asyncio.run(main())
