@@ -219,7 +219,8 @@ class QmqpListener:
                 wait = min(self.timeout, deadline - loop.time())
                 if wait <= 0:
                     raise asyncio.TimeoutError
-                data = await asyncio.wait_for(loop.sock_recv(conn, CHUNK), wait)
+                async with asyncio.timeout(wait):  # no task per read, unlike wait_for
+                    data = await loop.sock_recv(conn, CHUNK)
                 event = session.feed(data) if data else session.feed_eof()
                 batch = chunks[:]
                 chunks.clear()
@@ -228,7 +229,8 @@ class QmqpListener:
                     batch = []
             # The last data, the commit and its fsyncs: one trip to a worker thread.
             text = str(await in_thread(_finish, sink, batch, event))
-            await asyncio.wait_for(loop.sock_sendall(conn, answer(text)), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await loop.sock_sendall(conn, answer(text))
             if isinstance(event, Request) and text.startswith("K"):
                 self.log(f"qmqpd: ok {ip} msg {getattr(sink.injected, 'id', '?')} "
                          f"bytes {event.message_bytes} from <{safe(event.sender)}> "
