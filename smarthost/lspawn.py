@@ -115,8 +115,8 @@ class Spawner:
         """The child: deliveries one after another until its command pipe closes; never returns."""
         gc.disable()
         try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)  # as programs run by a delivery expect them
             pending = b""
             while True:
                 while pending.count(b"\0") < 3:
@@ -253,14 +253,25 @@ class Pool:
 
     def dispatch(self, did: bytes, messid: bytes, sender: bytes, rcpt: bytes) -> None:
         key = self.spawner.key_for(rcpt)
+        request = b"%s\0%s\0%s\0" % (messid, sender, rcpt)
         idle = self.idle.get(key)
-        w = idle.pop() if idle else self.fork(key)
+        while idle:
+            w = idle.pop()
+            try:
+                write_all(w.cmd, request)
+            except OSError:
+                self.retire(w)  # it died while idle; its end of file is reaped as usual
+                continue
+            w.did = did
+            w.served += 1
+            return
+        w = self.fork(key)
         w.did = did
         w.served += 1
         try:
-            write_all(w.cmd, b"%s\0%s\0%s\0" % (messid, sender, rcpt))
+            write_all(w.cmd, request)
         except OSError:
-            pass  # it died while idle: its end of file reports the delivery as crashed
+            pass  # a fresh child that died at once: its end of file reports the delivery as crashed
 
     def retire(self, w: Worker) -> None:
         """Tell a child to exit (its command pipe closes); it is reaped at its end of file."""
@@ -269,7 +280,10 @@ class Pool:
             w.cmd = -1
 
     def report(self, did: bytes, report: str) -> None:
-        write_all(self.out, did + b"\0" + report.encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            write_all(self.out, did + b"\0" + report.encode("utf-8", "surrogateescape") + b"\0")
+        except OSError:
+            raise SystemExit(0) from None  # the scheduler is gone; children see their pipes close
 
     def result(self, w: Worker) -> None:
         data = os.read(w.res, 65536)
@@ -371,7 +385,8 @@ def main() -> None:
     root = Root(sys.argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # A child may die while idle: writing to its pipe must fail, not kill the spawner.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     Spawner(root).serve(0, 1)
 
 

@@ -122,6 +122,36 @@ def test_an_idle_child_exits_and_a_fresh_one_takes_over(sp, home, messid):
     assert pids(home)[1] != child
 
 
+def gone(pid: int) -> bool:
+    """Dead: exited (a zombie not reaped yet) or reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_child_killed_while_idle_costs_nothing(sp, home, messid):
+    import signal
+
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    child = pids(home)[0]
+    os.kill(sp.proc.pid, signal.SIGSTOP)  # so it sees the request before the death
+    try:
+        d = sp.ask(messid, "example-pid@mx.test.invalid")
+        time.sleep(0.1)
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and gone(child) is False:
+            time.sleep(0.01)
+    finally:
+        os.kill(sp.proc.pid, signal.SIGCONT)
+    assert letter(sp, d) == "K"
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    assert child not in pids(home)[1:]
+    assert sp.proc.poll() is None
+
+
 def test_closing_the_requests_lets_deliveries_under_way_finish(root, home, messid):
     sp = Spawner(root)
     d = sp.ask(messid, "example-slow@mx.test.invalid")
