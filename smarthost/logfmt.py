@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TextIO
 
@@ -23,8 +24,8 @@ def safe(text: str | bytes) -> str:
 
 class Log:
     """One line per event, optionally stamped with the unix time; buffered here and
-    written once per turn of the scheduler's loop (never per line, whatever
-    PYTHONUNBUFFERED says)."""
+    written once per turn of the event loop (never per line, whatever
+    PYTHONUNBUFFERED says). Outside a running loop the caller flushes."""
 
     def __init__(self, out: TextIO, timestamps: bool = False):
         self.out = out
@@ -35,7 +36,15 @@ class Log:
         if self.timestamps:
             line = f"{time.time():.6f} {line}"
         self._lines.append(line)
-        if len(self._lines) >= 1000:
+        if len(self._lines) == 1:
+            # Not imported here: the delivery spawner uses no asyncio (see spawnclient).
+            aio = sys.modules.get("asyncio")
+            if aio is not None:
+                try:
+                    aio.get_running_loop().call_soon(self.flush)
+                except RuntimeError:
+                    pass
+        elif len(self._lines) >= 1000:
             self.flush()
 
     def flush(self) -> None:
