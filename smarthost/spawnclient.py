@@ -13,13 +13,20 @@ from smarthost.root import Root
 
 
 class LocalSpawner:
-    """The scheduler's end of the pipes to smarthost.lspawn."""
+    """The scheduler's end of the pipes to smarthost.lspawn.
+
+    A spawner that dies (killed, out of memory) costs the deliveries it had
+    under way, which are deferred; the next delivery starts a new one.
+    """
 
     def __init__(self, root: Root):
         self.root = root
         self.proc: asyncio.subprocess.Process | None = None
         self.waiting: dict[int, asyncio.Future] = {}
         self._ids = 0
+        self.alive = False
+        self._starting: asyncio.Future | None = None
+        self.restarts = 0
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -28,25 +35,48 @@ class LocalSpawner:
         hello = await self.proc.stdout.readexactly(1)
         if hello != b"+":
             raise RuntimeError("local delivery spawner did not start")
-        asyncio.get_running_loop().create_task(self._read())
+        self.alive = True
+        self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))
 
-    async def _read(self) -> None:
-        assert self.proc
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout
         while True:
             try:
-                did = await self.proc.stdout.readuntil(b"\0")
-                report = await self.proc.stdout.readuntil(b"\0")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                did = await proc.stdout.readuntil(b"\0")
+                report = await proc.stdout.readuntil(b"\0")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
                 break
             fut = self.waiting.pop(int(did[:-1]), None)
             if fut and not fut.done():
                 fut.set_result(report[:-1].decode("utf-8", "surrogateescape"))
+        self.alive = False
         for fut in self.waiting.values():
             if not fut.done():
                 fut.set_result("ZLocal delivery spawner died. (#4.3.0)")
         self.waiting.clear()
+        try:
+            await proc.wait()
+        except Exception:
+            pass
+
+    async def _revive(self) -> None:
+        """Start a new spawner once, however many deliveries ask at the same time."""
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_future()
+            try:
+                self.restarts += 1
+                await self.start()
+            finally:
+                fut, self._starting = self._starting, None
+                fut.set_result(None)
+        else:
+            await asyncio.shield(self._starting)
 
     async def deliver(self, messid: int, sender: str, recipient: str) -> tuple[str, str]:
+        if not self.alive:
+            await self._revive()
+            if not self.alive:
+                return "Z", "Local delivery spawner did not start. (#4.3.0)"
         assert self.proc and self.proc.stdin
         self._ids += 1
         fut = asyncio.get_running_loop().create_future()

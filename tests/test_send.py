@@ -274,3 +274,19 @@ def test_restart_does_not_repeat_finished_recipients(root, daemon):
     d2.signal(signal.SIGALRM)
     d2.wait_log("delivery 1: deferral")
     assert len(os.listdir(new)) == 1
+
+
+def test_a_spawner_that_dies_is_replaced_and_its_deliveries_retried(root, daemon):
+    dotqmail(root, "slow", "|sleep 30\n")
+    d = daemon()
+    q = Queue(root.queue_dir)
+    q.inject(msg("caught"), "sender@far.example", [f"example-slow@{ME}"])
+    d.wait_log("starting delivery 1:")
+    spawner = int(subprocess.run(["pgrep", "-f", f"smarthost.lspawn {root.path}"], capture_output=True,
+                                 text=True).stdout.split()[0])
+    os.kill(spawner, signal.SIGKILL)
+    d.wait_log("delivery 1: deferral: Local_delivery_spawner_died.")
+    q.inject(msg("after"), "sender@far.example", [f"example@{ME}"])
+    [path] = wait_files(os.path.join(home(root), "Maildir", "new"))
+    assert open(path, "rb").read().endswith(msg("after"))
+    assert d.proc.poll() is None
