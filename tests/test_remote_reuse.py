@@ -122,3 +122,21 @@ def test_control_files_are_read_again_after_a_second_or_at_once_on_sighup(site):
     assert time.monotonic() - t < 10
     assert [m.rcpts for m in one.mails] == [["a@f.test"], ["c@f.test"]]
     assert [m.rcpts for m in two.mails] == [["b@f.test"]]
+
+
+def test_a_connection_with_words_nobody_asked_for_is_not_kept(site):
+    """A second reply to the final dot would be read as the answer to the next MAIL FROM."""
+    site.mx("g.test", (10, "mx.g.test", "127.0.0.2"))
+    peer = site.smtp("127.0.0.2", replies={"DOT": b"250 ok\r\n250 and a surprise\r\n"})
+    rd = site.delivery()
+
+    async def main():
+        out = ""
+        for rcpt in ("a@g.test", "b@g.test"):
+            out += letters(await rd.deliver("s@here.test", [rcpt], site.message()))
+            await asyncio.sleep(0.2)  # the surprise arrives
+        await rd.close()
+        return out
+
+    assert asyncio.run(main()) == "KK"
+    assert peer.connections == 2

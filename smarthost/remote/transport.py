@@ -61,8 +61,11 @@ class Channel:
         self.dead = False
 
     def usable(self) -> bool:
-        """Still open as far as this end can tell (a kept connection, before reuse)."""
-        return not self.dead and not self.writer.is_closing() and not self.reader.at_eof()
+        """Open, and nothing said that nobody asked for: a kept connection may carry another
+        message only if the next reply read is surely the answer to the next command."""
+        if self.dead or self.writer.is_closing() or self.reader.at_eof():
+            return False
+        return not self.parser.pending and not getattr(self.reader, "_buffer", b"")
 
     def die(self, cause: str) -> Died:
         """Mark the connection unusable; the Died to raise."""
