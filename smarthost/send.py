@@ -95,6 +95,8 @@ class Scheduler:
         self.backlog_ids: set[int] = set()
         self.fresh: dict[int, Message] = {}   # preprocessed, todo/N their record, a delivery not started
         self.queued: dict[int, int] = {}      # message id -> its deliveries waiting in self.ready
+        self.to_remove: list[tuple[Message, asyncio.Future]] = []
+        self.removing = False                 # _removals() is running
         self.delivery_no = 0
         self.wake = asyncio.Event()
         self.synced = asyncio.Event()
@@ -379,7 +381,7 @@ class Scheduler:
                     loop.call_later(SYSTEM_RETRY, lambda: self.spawn(self.finish(msg)))
                     return
                 self.log(f"bounce msg {msg.id} qp {qp}")
-        self.sq.finish(msg)  # a few unlinks
+        await self.remove(msg)
         self.messages.pop(msg.id, None)
         self.fresh.pop(msg.id, None)
         self.log(f"end msg {msg.id}")
@@ -388,6 +390,47 @@ class Scheduler:
             # that ran meanwhile skipped it as ours.
             self.scan_wanted = True
             self.poke()
+
+    async def remove(self, msg: Message) -> None:
+        """Remove a finished message's files (in a worker thread, with others finished meanwhile).
+
+        An unlink can wait for the filesystem's journal behind other processes'
+        fsyncs; the loop must not. The message stays in self.messages until its
+        files are gone, so no scan takes its todo/N for a new one.
+        """
+        fut = asyncio.get_running_loop().create_future()
+        self.to_remove.append((msg, fut))
+        if not self.removing:
+            self.removing = True
+            self.spawn(self._removals())
+        await fut
+
+    async def _removals(self) -> None:
+        try:
+            while self.to_remove:
+                batch, self.to_remove = self.to_remove, []
+
+                def work() -> list[OSError | None]:
+                    out: list[OSError | None] = []
+                    for m, _ in batch:
+                        try:
+                            self.sq.finish(m)
+                            out.append(None)
+                        except OSError as e:
+                            out.append(e)
+                    return out
+
+                try:
+                    errors = await asyncio.to_thread(work)
+                except BaseException:
+                    for _, fut in batch:
+                        fut.cancel()
+                    raise
+                for (m, fut), err in zip(batch, errors):
+                    if not fut.done():
+                        fut.set_result(None) if err is None else fut.set_exception(err)
+        finally:
+            self.removing = False
 
     def inject_bounce(self, msg: Message, plan, records: bytes) -> int:
         head = compose_head(plan, msg.sender, records, self.settings.bounce)

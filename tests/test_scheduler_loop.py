@@ -1,8 +1,10 @@
-"""The scheduler run in process: remote recipients grouped per domain, the periodic queue sweep."""
+"""The scheduler run in process: grouping per domain, the queue sweep, the todo backlog, removals."""
 
 import asyncio
 import io
 import os
+import re
+import time
 
 import pytest
 
@@ -136,3 +138,37 @@ def test_mail_delivered_at_once_is_never_persisted(root):
     asyncio.run(main())
     assert len(had_info) == 400 and not any(had_info)
     assert q.mess_ids() == [] and q.todo_ids() == []
+
+
+def test_removing_a_finished_message_never_holds_up_the_loop(root):
+    """An unlink can wait a long time for the journal behind other fsyncs: the
+    scheduler removes finished messages in a worker thread, not in its loop."""
+    out = io.StringIO()
+    q = Queue(root.queue_dir)
+    slow = q.inject(b"Subject: slow to remove\n\nx\n", "a@here.example", ["r@one.example"]).id
+    quick = q.inject(b"Subject: quick\n\nx\n", "a@here.example", ["r@two.example"]).id
+
+    async def remote(msg, recipients, messpath):
+        if msg.id == quick:
+            await asyncio.sleep(0.2)  # it ends while the other one is being removed
+        return [("K", "127.0.0.2 accepted message.")] * len(recipients)
+
+    async def main():
+        sched = Scheduler(root, Log(out), remote=remote)
+        real = sched.sq.finish
+
+        def finish(msg):
+            if msg.id == slow:
+                time.sleep(1.5)  # a slow unlink, as the journal can make it
+            real(msg)
+
+        sched.sq.finish = finish
+        task = asyncio.create_task(sched.run())
+        await stop_when_empty(sched, q, 10)
+        await task
+
+    asyncio.run(main())
+    log = out.getvalue()
+    d = re.search(rf"starting delivery (\d+): msg {quick} to remote", log).group(1)
+    assert log.index(f"delivery {d}: success") < log.index(f"end msg {slow}")
+    assert q.mess_ids() == []
