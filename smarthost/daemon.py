@@ -146,4 +146,6 @@ def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int
         pids.append(pid)
     for listener in listeners:
         say(f"qmqpd: listening on {listener.address}")
+        # With QMQP processes of its own, the scheduler's loop must not wait for a client's fsync.
+        listener.inline_alone = n == 1
     asyncio.run(serve(root, log, listeners, pids))

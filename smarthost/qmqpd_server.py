@@ -83,6 +83,9 @@ class QmqpListener:
         self.concurrency = concurrency or ctl.number("concurrencyqmqp", CONCURRENCY_DEFAULT) or 1
         self.timeout = timeout or ctl.number("timeoutqmqpd", TIMEOUT_DEFAULT) or TIMEOUT_DEFAULT
         self.session_timeout = session_timeout
+        #: a session alone in this process writes the queue itself, without a worker thread;
+        #: off where the loop has other work that must not wait for an fsync (the scheduler's)
+        self.inline_alone = True
         self.me = ctl.line("me")
         self.queue = Queue(root.queue_dir)
         self.rules = RulesWatcher(os.path.join(root.rules_dir, RULES_CDB))
@@ -203,7 +206,7 @@ class QmqpListener:
         pending: list[asyncio.Future] = []
 
         async def in_thread(fn: Callable, *args: object) -> object:
-            if len(self._sessions) <= 1:
+            if self.inline_alone and len(self._sessions) <= 1:
                 # Alone: the trip to a worker thread and back would cost more
                 # than the loop could do for anyone else meanwhile.
                 return fn(*args)

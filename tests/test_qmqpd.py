@@ -348,6 +348,30 @@ def test_listener_queues_with_received_line_and_logs(root):
     assert lines == [f"qmqpd: ok 127.0.0.1 msg {n} bytes 17 from <a@far.example> rcpts 1"]
 
 
+@pytest.mark.parametrize("inline_alone", [True, False])
+def test_a_lone_session_writes_the_queue_itself_unless_its_loop_has_other_work(root, monkeypatch, inline_alone):
+    """Alone in its process a session needs no worker thread; in the scheduler's process
+    (inline_alone off) the queue's fsyncs always run in one, so the loop never waits."""
+    import threading
+
+    threads = []
+    real = Queue.draft
+
+    def draft(self):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(self)
+
+    monkeypatch.setattr(Queue, "draft", draft)
+
+    async def one(lst):
+        lst.inline_alone = inline_alone
+        return await talk(lst.port, req(b"Subject: where\n\nx\n"))
+
+    got, _ = listen(root, one)
+    assert k(got)
+    assert threads == [inline_alone]
+
+
 TOO_LONG = ns(ns(b"m") + ns(b"a@b") + ns(b"x" * 1000))
 
 
