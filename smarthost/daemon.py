@@ -2,13 +2,14 @@
 
 The QMQP ports are bound first, so a port that cannot be bound stops the daemon
 before anything else runs; each logs `qmqpd: listening on ADDR:PORT` with the
-port actually bound. Like tcpserver's children, several processes accept on the
-same sockets (one per core by default: one Python process cannot use two); the
-first also runs the scheduler, and the others only inject into the queue and
-poke its trigger. SIGTERM (handled by the scheduler) closes the listeners at
-once, lets the deliveries under way finish, then gives QMQP sessions under way
-a few seconds to end before cutting them off: a message not yet acknowledged
-is not queued, and its client tries again.
+port actually bound. Like tcpserver's children, QMQP processes accept on the
+same sockets (one per core by default: one Python process cannot use two); they
+only inject into the queue and poke its trigger. The scheduler runs in the
+first process, whose loop no client's fsync should hold up: it accepts QMQP
+itself only when one of the others is gone. SIGTERM (handled by the scheduler)
+closes the listeners at once, lets the deliveries under way finish, then gives
+QMQP sessions under way a few seconds to end before cutting them off: a message
+not yet acknowledged is not queued, and its client tries again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from smarthost.sendqueue import Message
 
 #: seconds QMQP sessions under way get after SIGTERM
 STOP_GRACE = 5.0
+#: how often the scheduler checks that its QMQP processes are still there
+WATCH_INTERVAL = 1.0
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -64,13 +67,34 @@ async def serve(root: Root, log: Log, listeners: list[QmqpListener], workers: li
             except ProcessLookupError:
                 pass
 
+    async def take_over() -> None:
+        """With QMQP processes, accept only once one of them is gone."""
+        while workers and not scheduler.stopping:
+            for pid in workers:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    log(f"alert: QMQP process {pid} is gone; the scheduler takes QMQP connections too")
+                    for listener in listeners:
+                        await listener.start()
+                    return
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    watcher = None
     try:
         for listener in listeners:
-            await listener.start()
+            if not workers:
+                await listener.start()
             scheduler.on_stop.append(listener.close)
         scheduler.on_stop.append(stop_workers)
+        if workers:
+            watcher = asyncio.get_running_loop().create_task(take_over())
         await scheduler.run()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await relay.close()
         for listener in listeners:
             await listener.wait_closed(STOP_GRACE)
@@ -116,7 +140,7 @@ def default_workers() -> int:
 
 
 def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int | None = None) -> None:
-    """Bind the QMQP ports, fork the extra QMQP worker processes, then run the scheduler."""
+    """Bind the QMQP ports, fork the QMQP processes, then run the scheduler."""
     def say(line: str) -> None:
         # Listener lines go out at once, not with the scheduler's next turn.
         log(line)
@@ -132,7 +156,7 @@ def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int
         listener.bind()
         listeners.append(listener)
     pids = []
-    for _ in range(n - 1):
+    for _ in range(n if addrs else 0):
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -146,6 +170,6 @@ def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int
         pids.append(pid)
     for listener in listeners:
         say(f"qmqpd: listening on {listener.address}")
-        # With QMQP processes of its own, the scheduler's loop must not wait for a client's fsync.
-        listener.inline_alone = n == 1
+        # Should the scheduler take QMQP over, its loop must not wait for a client's fsync.
+        listener.inline_alone = False
     asyncio.run(serve(root, log, listeners, pids))

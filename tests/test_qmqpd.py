@@ -546,13 +546,20 @@ def test_daemon_delivers_a_qmqp_message_to_a_maildir(root):
         socket.create_connection(("127.0.0.1", port), 2).close()
 
 
+def qmqp_processes(d) -> list[int]:
+    """The daemon's QMQP processes: its children that run `smarthost run` too."""
+    out = subprocess.run(["pgrep", "-P", str(d.proc.pid), "-f", "smarthost run"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
 def test_daemon_memory_stays_flat_for_a_50mb_message(root):
     # one QMQP process, so every session below is served by the process measured
     d, [port] = start_daemon(root, "127.0.0.1:0", workers=1)
     try:
+        [qmqpd] = qmqp_processes(d)
         assert client("127.0.0.1", port, req(b"warm up\n")).startswith(b"Kok ")
         wait_files(root.sub("home", "example", "Maildir", "new"))
-        before = vm_hwm_kb(d.proc.pid)
+        before = vm_hwm_kb(qmqpd)
         size = 50 * 1024 * 1024
         inner_tail = ns(b"big@far.example") + ns(b"example@" + ME.encode())
         with socket.create_connection(("127.0.0.1", port), 60) as s:
@@ -566,11 +573,11 @@ def test_daemon_memory_stays_flat_for_a_50mb_message(root):
             assert s.recv(100).split(b":", 1)[1].startswith(b"Kok ")
         files = wait_files(root.sub("home", "example", "Maildir", "new"), 2, timeout=60)
         assert max(os.path.getsize(f) for f in files) > size
-        grown = vm_hwm_kb(d.proc.pid) - before
+        grown = vm_hwm_kb(qmqpd) - before
         for junk in (b"999999999:" + b"j" * 100000, b"200000000:" + b"j" * 100000):
             assert client("127.0.0.1", port, junk) is None
         # huge declared lengths allocate nothing (a few kB of ordinary churn aside)
-        assert vm_hwm_kb(d.proc.pid) - before <= grown + 1024
+        assert vm_hwm_kb(qmqpd) - before <= grown + 1024
     finally:
         d.stop()
     print(f"peak RSS grew {grown} kB")
@@ -612,7 +619,8 @@ def test_daemon_term_with_a_session_under_way(root):
 def test_worker_processes_share_the_port_and_stop_with_the_daemon(root):
     d, [port] = start_daemon(root, "127.0.0.1:0", workers=3)
     children = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) >= 3  # two QMQP workers and the delivery spawner
+    assert len(qmqp_processes(d)) == 3
+    assert len(children) >= 4  # three QMQP processes and the delivery spawner
     for i in range(12):
         assert client("127.0.0.1", port, req(b"via a worker %d\n" % i)).startswith(b"Kok ")
     wait_files(root.sub("home", "example", "Maildir", "new"), 12)
@@ -637,5 +645,18 @@ def test_workers_survive_hup_and_alrm_sent_to_the_process_group(root):
             assert os.path.exists(f"/proc/{pid}") and "State:\tZ" not in open(f"/proc/{pid}/status").read()
         for i in range(6):
             assert client("127.0.0.1", port, req(b"after hup %d\n" % i)).startswith(b"Kok ")
+    finally:
+        assert d.stop() == 0
+
+
+def test_the_scheduler_takes_qmqp_over_when_a_qmqp_process_is_gone(root):
+    d, [port] = start_daemon(root, "127.0.0.1:0", workers=1)
+    try:
+        [qmqpd] = qmqp_processes(d)
+        assert client("127.0.0.1", port, req(b"before\n")).startswith(b"Kok ")
+        os.kill(qmqpd, signal.SIGKILL)
+        d.wait_log(f"alert: QMQP process {qmqpd} is gone; the scheduler takes QMQP connections too")
+        assert client("127.0.0.1", port, req(b"after\n")).startswith(b"Kok ")
+        wait_files(root.sub("home", "example", "Maildir", "new"), 2)
     finally:
         assert d.stop() == 0

@@ -48,7 +48,7 @@ def _listen(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 @click.option("--qmqp", "qmqp", multiple=True, metavar="ADDR:PORT", callback=_listen,
               help="Listen for QMQP there ([::1]:PORT for IPv6; port 0 picks one). Repeatable.")
 @click.option("--qmqp-workers", "workers", type=click.IntRange(1, 64), default=None,
-              help="Processes accepting QMQP (default: one per core, at most 4).")
+              help="Processes accepting QMQP besides the scheduler's (default: one per core, at most 4).")
 def run(root_path: str | None, timestamps: bool, qmqp: list[tuple[str, int]], workers: int | None) -> None:
     """Run the scheduler and the QMQP listeners until SIGTERM."""
     from smarthost.daemon import run as run_daemon
