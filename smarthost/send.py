@@ -52,6 +52,18 @@ async def remote_unavailable(msg: Message, recipients: list[str], messpath: str)
     return [("Z", text)] * len(recipients)
 
 
+def _each(fn: Callable, items: list) -> list[OSError | None]:
+    """In a worker thread: fn(item) for each item in turn; for each, the OSError it raised or None."""
+    out: list[OSError | None] = []
+    for item in items:
+        try:
+            fn(item)
+            out.append(None)
+        except OSError as e:
+            out.append(e)
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     routing: Routing
@@ -238,25 +250,16 @@ class Scheduler:
             m.syncing = True
             snaps.append(self.sq.snapshot(m))
 
-        def work() -> list[Exception | None]:
-            out: list[Exception | None] = []
-            for m, snap in zip(batch, snaps):
-                try:
-                    self.sq.write_snapshot(m, snap)
-                    out.append(None)
-                except OSError as e:
-                    out.append(e)
-            return out
-
         try:
-            results = await asyncio.to_thread(work)
+            results = await asyncio.to_thread(_each, lambda pair: self.sq.write_snapshot(*pair),
+                                              list(zip(batch, snaps)))
             for m, snap, err in zip(batch, snaps, results):
                 if err is None:
                     self.sq.after_snapshot(m, snap)
                     self.fresh.pop(m.id, None)
                 else:
                     self.log(f"warning: trouble writing the state of msg {m.id}: {safe(str(err))}; "
-                             "todo/{m.id} stays")
+                             f"todo/{m.id} stays")
         finally:
             for m in batch:
                 m.syncing = False
@@ -409,19 +412,8 @@ class Scheduler:
         try:
             while self.to_remove:
                 batch, self.to_remove = self.to_remove, []
-
-                def work() -> list[OSError | None]:
-                    out: list[OSError | None] = []
-                    for m, _ in batch:
-                        try:
-                            self.sq.finish(m)
-                            out.append(None)
-                        except OSError as e:
-                            out.append(e)
-                    return out
-
                 try:
-                    errors = await asyncio.to_thread(work)
+                    errors = await asyncio.to_thread(_each, self.sq.finish, [m for m, _ in batch])
                 except BaseException:
                     for _, fut in batch:
                         fut.cancel()
