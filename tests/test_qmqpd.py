@@ -618,6 +618,7 @@ def test_daemon_term_with_a_session_under_way(root):
 
 def test_worker_processes_share_the_port_and_stop_with_the_daemon(root):
     d, [port] = start_daemon(root, "127.0.0.1:0", workers=3)
+    d.wait_log("status: local 0/")  # the scheduler is up: its spawner exists
     children = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(qmqp_processes(d)) == 3
     assert len(children) >= 4  # three QMQP processes and the delivery spawner
