@@ -115,7 +115,7 @@ class Spawner:
         """The child: deliveries one after another until its command pipe closes; never returns."""
         gc.disable()
         try:
-            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGALRM):
                 signal.signal(sig, signal.SIG_DFL)  # as programs run by a delivery expect them
             pending = b""
             while True:
@@ -385,6 +385,7 @@ def main() -> None:
     root = Root(sys.argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the scheduler's; children take it back for DEATH
     # A child may die while idle: writing to its pipe must fail, not kill the spawner.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     Spawner(root).serve(0, 1)

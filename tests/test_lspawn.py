@@ -4,6 +4,7 @@ may then serve more for the same user, and a child that dies costs only its own 
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import sys
@@ -160,3 +161,35 @@ def test_closing_the_requests_lets_deliveries_under_way_finish(root, home, messi
     assert sp.proc.wait(20) == 0
     with open(os.path.join(home, "slow")) as f:
         assert f.read() == "slow\n"
+
+
+def sig_ignored(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(re.search(r"^SigIgn:\s+([0-9a-f]+)$", f.read(), re.M).group(1), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_a_delivery_child_can_be_killed_by_its_alarm_whatever_the_spawner_inherited(root, home, messid):
+    """qmail-local's DEATH alarm: a hung delivery must die of SIGALRM, even when the
+    scheduler was started with it ignored."""
+    import signal
+
+    old = signal.signal(signal.SIGALRM, signal.SIG_IGN)  # inherited across exec
+    try:
+        sp = Spawner(root)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    try:
+        assert sig_ignored(sp.proc.pid, signal.SIGALRM)   # the spawner itself does not care
+        d = sp.ask(messid, "example-slow@mx.test.invalid")
+        deadline = time.monotonic() + 10
+        children = []
+        while not children and time.monotonic() < deadline:
+            children = subprocess.run(["pgrep", "-P", str(sp.proc.pid)], capture_output=True,
+                                      text=True).stdout.split()
+        [child] = children
+        assert not sig_ignored(int(child), signal.SIGALRM)
+        os.kill(int(child), signal.SIGALRM)   # what alarm(DEATH) sends
+        assert sp.answer() == (d, "ZDelivery process crashed. (#4.3.0)")
+    finally:
+        assert sp.close() == 0
