@@ -141,7 +141,7 @@ def default_workers() -> int:
 
 def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int | None = None) -> None:
     """Bind the QMQP ports, fork the QMQP processes, then run the scheduler."""
-    # SIGHUP and SIGALRM (svc -h, svc -a) reach the whole process group; until the
+    # SIGHUP and SIGALRM can reach the whole process group (kill -HUP -PGID); until the
     # scheduler and the QMQP processes have their handlers, they must not kill anyone.
     for sig in (signal.SIGHUP, signal.SIGALRM):
         signal.signal(sig, signal.SIG_IGN)
