@@ -16,7 +16,9 @@ that cannot be unlinked is reported: it will be delivered twice, never lost.
 Signals are held off during steps 5 and 6 so an interruption cannot split
 them. Beyond qmail, two runs at once are safe: one that waited for the lock
 checks that MAIL is still the file it locked, and lists the Maildir only
-then. The new MAIL keeps the old one's owner (when allowed) and mode.
+then; and the new MAIL is locked before its rename until step 6 is done, so
+one that opens it meanwhile waits. The new MAIL keeps the old one's owner
+(when allowed) and mode.
 
 Each entry is `From ADDR DATE`: ADDR from a first line `Return-Path: <ADDR>`
 (`MAILER-DAEMON` for `<>`, blanks become `-`), else `XXX`; DATE is the
@@ -127,6 +129,17 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _locked(path: str) -> int:
+    """`path` open and locked; OSError if not."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _lock(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _open_locked(mail: str) -> int:
     """Step 1: MAIL open for reading and writing, locked, and still the file named MAIL.
 
@@ -232,27 +245,38 @@ def maildir2mbox(maildir: str, mail: str, mailtmp: str, now: float | None = None
             return 0
         # A MAIL that is a symlink stays one: the file it points to is replaced.
         target = os.path.realpath(mail)
-        with _signals_held():
-            try:
-                os.rename(mailtmp, target)
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.unlink(mailtmp)
-                raise Maildir2mboxError(f"unable to move {mailtmp} to {target}: {why(e)}") from None
-            try:
-                _sync_dir(target)
-            except OSError as e:
-                # The new mbox may not survive a crash: keep the messages rather than risk them.
-                warn(f"unable to sync the directory of {mail}: {why(e)}; "
-                     f"the messages stay in $MAILDIR and will be delivered twice")
-                return len(entries)
-            for entry in entries:
+        # Locked before it becomes MAIL, until its messages are unlinked: another
+        # maildir2mbox that opens the new MAIL meanwhile must not take them again.
+        try:
+            new_lock = _locked(mailtmp)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(mailtmp)
+            raise Maildir2mboxError(f"unable to lock {mailtmp}: {why(e)}") from None
+        try:
+            with _signals_held():
                 try:
-                    os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass  # someone else removed it: it is in the mbox all the same
+                    os.rename(mailtmp, target)
                 except OSError as e:
-                    warn(f"{entry.path} will be delivered twice; unable to unlink: {why(e)}")
+                    with contextlib.suppress(OSError):
+                        os.unlink(mailtmp)
+                    raise Maildir2mboxError(f"unable to move {mailtmp} to {target}: {why(e)}") from None
+                try:
+                    _sync_dir(target)
+                except OSError as e:
+                    # The new mbox may not survive a crash: keep the messages rather than risk them.
+                    warn(f"unable to sync the directory of {mail}: {why(e)}; "
+                         f"the messages stay in $MAILDIR and will be delivered twice")
+                    return len(entries)
+                for entry in entries:
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass  # someone else removed it: it is in the mbox all the same
+                    except OSError as e:
+                        warn(f"{entry.path} will be delivered twice; unable to unlink: {why(e)}")
+        finally:
+            os.close(new_lock)
     finally:
         os.close(lock)
     return len(entries)

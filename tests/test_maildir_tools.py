@@ -279,6 +279,37 @@ def test_two_maildir2mbox_at_once_move_each_message_once(tmp_path, md):
     assert os.listdir(md / "new") == [] and os.listdir(md / "cur") == []
 
 
+def test_a_maildir2mbox_that_opens_the_new_mbox_waits_until_its_messages_are_gone(tmp_path, md, monkeypatch):
+    """Between the rename of MAILTMP over MAIL and the last unlink, another run that
+    opens MAIL gets the new file: it must wait, not append those messages again."""
+    from miniqmail.maildirmbox import maildir2mbox
+
+    for i in range(20):
+        put(md, "new", f"{i}.m.host", b"Subject: %d\n\nbody\n" % i, T0 + i)
+    env = dict(os.environ, **env_for(tmp_path, md))
+    real_unlink = os.unlink
+    other: list[subprocess.Popen] = []
+
+    def unlink(path, *a, **kw):
+        if not other and str(md) in str(path):  # the first message, after the rename
+            other.append(subprocess.Popen(command("maildir2mbox", "maildir2mbox"), env=env,
+                                          stderr=subprocess.PIPE))
+            try:
+                other[0].wait(1.0)  # long enough to do it all, if nothing stops it
+            except subprocess.TimeoutExpired:
+                pass
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    moved = maildir2mbox(str(md), str(tmp_path / "Mailbox"), str(tmp_path / "Mailbox.tmp"))
+    monkeypatch.undo()
+    assert moved == 20 and other
+    _, err = other[0].communicate(timeout=30)
+    assert other[0].returncode == 0, err
+    subjects = re.findall(rb"^Subject: (\d+)$", (tmp_path / "Mailbox").read_bytes(), re.M)
+    assert sorted(int(n) for n in subjects) == list(range(20))
+
+
 def wait_for_lock_waiter(inode: int, timeout: float = 15.0) -> None:
     """Wait until some process is blocked on an flock of `inode` (Linux /proc/locks)."""
     deadline = time.monotonic() + timeout
