@@ -96,7 +96,11 @@ def test_a_backlog_is_preprocessed_a_window_at_a_time_and_waiting_costs_a_persis
         sched = Scheduler(root, Log(out), remote=remote)
         sched.lookahead_floor = 4
         task = asyncio.create_task(sched.run())
-        await asyncio.sleep(0.3)  # within DURABLE_DELAY: nothing persisted yet
+        for _ in range(400):  # until the first delivery has started (start-up can be slow)
+            if had_info:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # well within DURABLE_DELAY: nothing persisted yet
         sched.log.flush()
         early = out.getvalue().count("new msg ")
         todo_early = len(q.todo_ids())
