@@ -4,6 +4,7 @@ server (smarthost.remote.sessions), and the control files for a second."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -35,6 +36,9 @@ def test_one_connection_carries_messages_in_turn_and_says_quit_at_the_end(site):
     assert peer.connections == 1
     assert [m.rcpts for m in peer.mails] == [["r0@a.test"], ["r1@a.test"], ["r2@a.test"]]
     assert sum(c.startswith(b"EHLO") for c in peer.commands) == 1
+    deadline = time.monotonic() + 5  # the peer reads it in a thread of its own
+    while peer.commands[-1] != b"QUIT\r\n" and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert peer.commands[-1] == b"QUIT\r\n"
 
 
@@ -101,8 +105,6 @@ def test_a_connection_is_kept_only_for_the_same_server_and_terms(site):
 
 
 def test_control_files_are_read_again_after_a_second_or_at_once_on_sighup(site):
-    import time
-
     from smarthost.remote.deliver import CONTROL_TTL
 
     one, two = site.smtp("127.0.0.2"), site.smtp("127.0.0.3")
