@@ -24,6 +24,7 @@ import sys
 import time
 from typing import BinaryIO
 
+from miniqmail import netstring
 from miniqmail.fdio import write_all
 from smarthost import local, users
 from smarthost.chain import Chain
@@ -31,6 +32,8 @@ from smarthost.queue import Queue, invoked_by_uid, received_line
 from smarthost.root import Root
 
 REPORT_MAX = 3000
+#: bytes of a child's report netstring: clean_text() keeps it well below
+RESULT_LIMIT = 4 * REPORT_MAX + 100
 #: qmail-local's own suicide alarm.
 DEATH = 86400
 TEMP_CODES = (111, 71, 74, 75)
@@ -132,8 +135,8 @@ class Spawner:
                 except Exception as e:
                     code, text = 111, f"Delivery failed unexpectedly: {type(e).__name__}. (#4.3.0)"
                 signal.alarm(0)
-                report = f"{code}\0{text}".encode("utf-8", "surrogateescape")
-                write_all(res, b"%d:%s" % (len(report), report))
+                report = f"{code}\0{clean_text(text)}".encode("utf-8", "surrogateescape")
+                write_all(res, netstring.encode(report))
         finally:
             os._exit(0)
 
@@ -195,13 +198,13 @@ class Spawner:
 class Worker:
     """A delivery child as the spawner sees it."""
 
-    __slots__ = ("pid", "cmd", "res", "key", "served", "did", "buf", "idle_since")
+    __slots__ = ("pid", "cmd", "res", "key", "served", "did", "frame", "idle_since")
 
     def __init__(self, pid: int, cmd: int, res: int, key: object):
         self.pid, self.cmd, self.res, self.key = pid, cmd, res, key
         self.served = 0
         self.did: bytes | None = None   # the delivery it is on; None when idle
-        self.buf = bytearray()
+        self.frame = netstring.Decoder(RESULT_LIMIT)  # its report under way
         self.idle_since = 0.0
 
 
@@ -259,19 +262,17 @@ class Pool:
             w = idle.pop()
             try:
                 write_all(w.cmd, request)
+                break
             except OSError:
                 self.retire(w)  # it died while idle; its end of file is reaped as usual
-                continue
-            w.did = did
-            w.served += 1
-            return
-        w = self.fork(key)
+        else:
+            w = self.fork(key)
+            try:
+                write_all(w.cmd, request)
+            except OSError:
+                pass  # a fresh child that died at once: its end of file reports the delivery crashed
         w.did = did
         w.served += 1
-        try:
-            write_all(w.cmd, request)
-        except OSError:
-            pass  # a fresh child that died at once: its end of file reports the delivery as crashed
 
     def retire(self, w: Worker) -> None:
         """Tell a child to exit (its command pipe closes); it is reaped at its end of file."""
@@ -287,36 +288,35 @@ class Pool:
 
     def result(self, w: Worker) -> None:
         data = os.read(w.res, 65536)
-        if data:
-            w.buf += data
-            head, sep, rest = bytes(w.buf[:12]).partition(b":")
-            if not sep:
-                if len(w.buf) > 12:
-                    self.kill(w)
-                return
-            if not head.isdigit():
-                self.kill(w)
-                return
-            size = int(head)
-            start = len(head) + 1
-            if len(w.buf) < start + size:
-                return
-            payload = bytes(w.buf[start:start + size])
-            del w.buf[:start + size]
-            code_s, sep, text = payload.partition(b"\0")
-            if w.did is not None and sep and code_s.lstrip(b"-").isdigit():
-                code = int(code_s)
-                self.report(w.did, letter_for(code) + clean_text(text.decode("utf-8", "surrogateescape")))
-                w.did = None
-                if w.served >= REUSE or self.closing:
-                    self.retire(w)
-                else:
-                    w.idle_since = time.monotonic()
-                    self.idle.setdefault(w.key, []).append(w)
-            else:
-                self.kill(w)
+        if not data:
+            self.gone(w)
             return
-        # End of file: the child is gone.
+        try:
+            while data:
+                data = data[w.frame.feed(data):]
+                if w.frame.done:
+                    payload = b"".join(w.frame.take())
+                    w.frame = netstring.Decoder(RESULT_LIMIT)
+                    self.reported(w, payload)
+        except netstring.NetstringError:
+            self.kill(w)
+
+    def reported(self, w: Worker, payload: bytes) -> None:
+        """A child's `CODE NUL TEXT`: pass it on; the child waits for more, or is retired."""
+        code_s, sep, text = payload.partition(b"\0")
+        if w.did is None or not sep or not code_s.lstrip(b"-").isdigit():
+            self.kill(w)
+            return
+        self.report(w.did, letter_for(int(code_s)) + clean_text(text.decode("utf-8", "surrogateescape")))
+        w.did = None
+        if w.served >= REUSE or self.closing:
+            self.retire(w)
+        else:
+            w.idle_since = time.monotonic()
+            self.idle.setdefault(w.key, []).append(w)
+
+    def gone(self, w: Worker) -> None:
+        """End of file from a child: reap it; a delivery it was on is reported crashed."""
         self.sel.unregister(w.res)
         os.close(w.res)
         del self.workers[w.res]

@@ -193,3 +193,38 @@ def test_a_delivery_child_can_be_killed_by_its_alarm_whatever_the_spawner_inheri
         assert sp.answer() == (d, "ZDelivery process crashed. (#4.3.0)")
     finally:
         assert sp.close() == 0
+
+
+@pytest.mark.parametrize("garbage", [b"x:", b"99999999:", b"3:abc;", b"4:0\0ok,"],
+                         ids=["non-digit", "huge-length", "no-comma", "no-delivery-asked"])
+def test_a_child_that_breaks_the_report_protocol_is_stopped(garbage):
+    """Reports come as bounded netstrings: garbage, a huge length or a report nobody asked
+    for gets the child killed, and a delivery it was on is reported as crashed."""
+    from smarthost.lspawn import Pool, Worker
+
+    res_r, res_w = os.pipe()
+    out_r, out_w = os.pipe()
+    child = os.posix_spawnp("sleep", ["sleep", "30"], os.environ)  # reaped by the pool, as its own are
+    pool = Pool(None, -1, out_w)
+    w = Worker(child, -1, res_r, None)
+    w.did = None if garbage.startswith(b"4:") else b"7"
+    pool.workers[res_r] = w
+    pool.sel.register(res_r, 1)
+    try:
+        os.write(res_w, garbage)
+        pool.result(w)
+        deadline = time.monotonic() + 10
+        while not gone(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone(child)
+        os.close(res_w)
+        pool.result(w)   # its end of file
+        assert res_r not in pool.workers
+        if w.did is not None:
+            assert os.read(out_r, 100) == b"7\0ZDelivery process crashed. (#4.3.0)\0"
+    finally:
+        if os.path.exists(f"/proc/{child}"):
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+        os.close(out_r)
+        os.close(out_w)
