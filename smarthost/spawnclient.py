@@ -25,8 +25,7 @@ class LocalSpawner:
         self.waiting: dict[int, asyncio.Future] = {}
         self._ids = 0
         self.alive = False
-        self._starting: asyncio.Future | None = None
-        self.restarts = 0
+        self._restart = asyncio.Lock()   # one new spawner, however many deliveries find it dead
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -36,7 +35,7 @@ class LocalSpawner:
         if hello != b"+":
             raise RuntimeError("local delivery spawner did not start")
         self.alive = True
-        self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))
+        self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))  # held: tasks are weak
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout
@@ -59,24 +58,11 @@ class LocalSpawner:
         except Exception:
             pass
 
-    async def _revive(self) -> None:
-        """Start a new spawner once, however many deliveries ask at the same time."""
-        if self._starting is None:
-            self._starting = asyncio.get_running_loop().create_future()
-            try:
-                self.restarts += 1
-                await self.start()
-            finally:
-                fut, self._starting = self._starting, None
-                fut.set_result(None)
-        else:
-            await asyncio.shield(self._starting)
-
     async def deliver(self, messid: int, sender: str, recipient: str) -> tuple[str, str]:
         if not self.alive:
-            await self._revive()
-            if not self.alive:
-                return "Z", "Local delivery spawner did not start. (#4.3.0)"
+            async with self._restart:
+                if not self.alive:
+                    await self.start()  # trouble raises: run_delivery() defers the delivery
         assert self.proc and self.proc.stdin
         self._ids += 1
         fut = asyncio.get_running_loop().create_future()
