@@ -33,7 +33,7 @@ sys.path.insert(0, TOP)
 sys.path.insert(0, HERE)
 
 from miniqmail import envelope  # noqa: E402
-from private_postfix import PrivatePostfix, available  # noqa: E402
+from private_postfix import PrivatePostfix, available, free_port  # noqa: E402
 from smarthost.init import init  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -93,10 +93,7 @@ class Postfix:
 
     def start(self) -> None:
         self.n += 1
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.pf = PrivatePostfix(os.path.join(self.base, f"postfix{self.n}"), port)
         self.pf.setup()
         try:

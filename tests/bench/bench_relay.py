@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ TOP = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, TOP)
 sys.path.insert(0, HERE)
 
-from private_postfix import PrivatePostfix, available  # noqa: E402
+from private_postfix import PrivatePostfix, available, free_port  # noqa: E402
 from smarthost.init import init  # noqa: E402
 from smarthost.queue import Queue  # noqa: E402
 
@@ -33,12 +32,6 @@ BIN = os.path.dirname(sys.executable)
 SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/qmqp-source"
 BODY = b"Subject: relay bench\n\n" + b"r" * 975 + b"\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ours(base: str, n: int, conc: int, sink_port: int) -> float:

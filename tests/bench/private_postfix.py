@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 
 DEBIAN_CONFIG = "/etc/postfix"
 POSTCONF = "/usr/sbin/postconf"
 POSTFIX = "/usr/sbin/postfix"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def available() -> str | None:
