@@ -6,6 +6,7 @@ import os
 import pwd
 import socket
 
+from smarthost.fsspread import spread_subdirs
 from smarthost.queue import Queue
 from smarthost.root import Root
 from smarthost.users import compile_assign
@@ -33,6 +34,8 @@ def init(path: str, me: str | None = None) -> Root:
     """Create (or complete) a user-mode root at `path`; idempotent."""
     root = Root(os.path.abspath(path))
     me = me or socket.getfqdn() or "localhost"
+    os.makedirs(root.path, exist_ok=True)
+    spread_subdirs(root.path)  # the queue and the homes in block groups apart (fsspread)
     for d in ("control", "users", "rules", "bin", "home"):
         os.makedirs(root.sub(d), mode=0o755, exist_ok=True)
     Queue(root.queue_dir).create()

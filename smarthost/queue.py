@@ -42,6 +42,7 @@ from miniqmail.datefmt import date822
 from miniqmail.exitcodes import QQ
 from miniqmail.fdio import write_all
 from smarthost.errors import PermanentError, TemporaryError
+from smarthost.fsspread import spread_subdirs
 
 SPLIT_DEFAULT = 23
 #: a pid/ file older than this belongs to an injector that died.
@@ -145,8 +146,9 @@ class Queue:
 
     def __init__(self, path: str, split: int = SPLIT_DEFAULT):
         #: On these filesystems fsync(2) of a file also commits the links made to it
-        #: before (a link changes the inode), so the directory fsyncs are redundant;
-        #: a busy scheduler unlinking in the same directories would otherwise turn
+        #: before (a link changes the inode), so the directory fsyncs are redundant
+        #: (ext4 without a journal writes the directory of the file's newest name
+        #: instead, which is the mess/S/ or todo/ link that matters here); a busy scheduler unlinking in the same directories would otherwise turn
         #: each of them into a journal commit of its own.
         self.file_fsync_covers_links = filesystem_type(path) in FSYNC_COVERS_LINKS
         self.path = path
@@ -190,6 +192,7 @@ class Queue:
     def create(self) -> None:
         """Make the layout (idempotent): qmail's directories, split dirs, trigger fifo, locks."""
         os.makedirs(self.path, mode=0o750, exist_ok=True)
+        spread_subdirs(self.path)  # pid/, intd/, info/...: each its own block group (fsspread)
         for d in ("pid", "intd", "todo", "bounce", "lock"):
             os.makedirs(self.sub(d), mode=0o700, exist_ok=True)
         for d in ("mess", "info", "local", "remote"):
