@@ -10,6 +10,10 @@
    end (until every file is in new/), and our/Postfix ratios.
 2. qmail-qmqpc handing one 2 KB message to our server: median wall time of the
    whole process beside `python3 -c pass`.
+   Before each concurrency the disk's own rate is printed: a create+write+fsync
+   loop for a quarter of a second. It swings within minutes here, mostly with
+   how many inodes were freed lately (ext4 without a journal skips those when
+   it allocates), so read each block's ratios beside it.
 3. A 50 MB message through the pair: peak RSS of qmail-qmqpc and of the server.
 
 Needs root and Debian's postfix package for part 1's peer (`--skip-postfix` runs ours only).
@@ -112,6 +116,23 @@ class Postfix:
 
     def stop(self) -> None:
         self.pf.stop()
+
+
+def disk_rate(directory: str, seconds: float = 0.25) -> float:
+    """create+write+fsync of 1000-byte files in `directory` for `seconds`; files/s (kept, not freed)."""
+    os.makedirs(directory, exist_ok=True)
+    block = b"x" * 1000
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fd = os.open(os.path.join(directory, str(n)), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        n += 1
+    return n / (time.perf_counter() - t0)
 
 
 def drive(server, messages: int, concurrency: int) -> tuple[float, float]:
@@ -228,6 +249,8 @@ def main() -> None:
               + ("" if why is None else f"; Postfix: {why}"))
         print(f"{'conc':>4}  {'server':8} {'accepted/s':>11} {'end-to-end/s':>13}")
         for conc in [int(c) for c in a.concurrency.split(",")]:
+            disk = disk_rate(os.path.join(base, f"disk{conc}"))
+            print(f"{conc:>4}  (disk: {disk:.0f} create+write+fsync/s)")
             results: dict[str, list[tuple[float, float]]] = {s.name: [] for s in servers}
             for _ in range(a.rounds):
                 for s in servers:
