@@ -319,9 +319,10 @@ class QueueSink:
     request is in; so does this: a failed write is remembered, later data dropped.
     """
 
-    def __init__(self, open_draft: Callable[[], Draft], header: bytes = b""):
+    def __init__(self, open_draft: Callable[[], Draft], header: bytes = b"", *, trigger: bool = True):
         self._open = open_draft
         self.header = header
+        self.trigger = trigger         # poke lock/trigger on commit; False: the caller does, later
         self.draft: Draft | None = None
         self.error: int | None = None  # qmail-queue exit code of the first trouble
         self.reason = ""               # what went wrong, for the log (never for the client)
@@ -358,7 +359,8 @@ class QueueSink:
                 return report(self.error or 81)
             try:
                 done = draft.commit(event.sender.decode("utf-8", "surrogateescape"),
-                                    [r.decode("utf-8", "surrogateescape") for r in event.recipients])
+                                    [r.decode("utf-8", "surrogateescape") for r in event.recipients],
+                                    trigger=self.trigger)
             except _QUEUE_TROUBLE as e:
                 self.reason = str(e)
                 return report(_qq_code(e))

@@ -15,6 +15,10 @@ this does in the daemon's loop:
     (control/timeoutqmqpd, default 1200 s) that qmail-qmqpd does not have;
   * the Received line of qmail-qmqpd with TCPREMOTEIP = the peer, TCPREMOTEHOST
     unknown (no DNS, tcpserver -H), LOCAL = control/me, else the local IP.
+The scheduler is woken (lock/trigger) after the client has its answer, where
+qmail-queue pokes before qmail-qmqpd answers: the wake-up may hand the
+scheduler the CPU, and the client need not wait for that; sessions that commit
+in the same turn of the loop share one poke.
 The message streams into a queue draft; file writes and the commit's fsyncs
 run in worker threads, so the loop never waits for the disk. One log line per
 connection: ok, refused (the Z/D text), deny, or drop (and why).
@@ -93,6 +97,7 @@ class QmqpListener:
         self._accepting: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None
         self._sessions: dict[asyncio.Task, socket.socket] = {}
+        self._poke_pending = False
 
     @property
     def address(self) -> str:
@@ -168,6 +173,17 @@ class QmqpListener:
             self._sessions[task] = conn
             task.add_done_callback(self._session_done)
 
+    def _poke_soon(self) -> None:
+        """Wake the scheduler once this turn of the loop is over (the answer sent, the
+        connection closed); sessions committing in the same turn share one poke."""
+        if not self._poke_pending:
+            self._poke_pending = True
+            asyncio.get_running_loop().call_soon(self._poke)
+
+    def _poke(self) -> None:
+        self._poke_pending = False
+        self.queue.poke()
+
     def _session_done(self, task: asyncio.Task) -> None:
         self._sessions.pop(task, None)
         if self._slots is not None:
@@ -199,7 +215,9 @@ class QmqpListener:
         loop = asyncio.get_running_loop()
         local = self.me or normalize_ip(conn.getsockname()[0])
         head = received_line("invoked from network", os.getpid()) + received("QMQP", local, ip, None)
-        sink = QueueSink(self.queue.draft, head)
+        # The scheduler is woken after the answer, not before: the wake-up may hand
+        # it the CPU, and the client should not wait for that (see _poke_soon).
+        sink = QueueSink(self.queue.draft, head, trigger=False)
         chunks: list[bytes] = []
         session = QmqpSession(chunks.append, databytes(decision.env.get("DATABYTES")))
         deadline = loop.time() + self.session_timeout
@@ -232,6 +250,8 @@ class QmqpListener:
                     batch = []
             # The last data, the commit and its fsyncs: one trip to a worker thread.
             text = str(await in_thread(_finish, sink, batch, event))
+            if sink.injected is not None:
+                self._poke_soon()  # committed: the scheduler must hear of it, answered or not
             async with asyncio.timeout(self.timeout):
                 await loop.sock_sendall(conn, answer(text))
             if isinstance(event, Request) and text.startswith("K"):

@@ -372,6 +372,42 @@ def test_a_lone_session_writes_the_queue_itself_unless_its_loop_has_other_work(r
     assert threads == [inline_alone]
 
 
+def trigger_reader(root) -> int:
+    """lock/trigger opened as the scheduler opens it, so pokes can be counted."""
+    return os.open(Queue(root.queue_dir).trigger, os.O_RDONLY | os.O_NONBLOCK)
+
+
+def pokes(fd: int) -> bytes:
+    try:
+        return os.read(fd, 100)
+    except BlockingIOError:
+        return b""
+
+
+def test_listener_wakes_the_scheduler_for_what_it_queued_and_nothing_else(root):
+    fd = trigger_reader(root)
+    try:
+        got, _ = listen(root, lambda lst: talk(lst.port, req(b"Subject: t\n\nbody\n")))
+        assert k(got)
+        assert pokes(fd) == b"\0"
+        got, _ = listen(root, lambda lst: talk(lst.port, req(b"m", b"a@b", [])))
+        assert got == ns(NO_RECIPIENTS.encode())
+        assert pokes(fd) == b""
+    finally:
+        os.close(fd)
+
+
+def test_stdio_qmqpd_wakes_the_scheduler_after_a_commit_only(root):
+    fd = trigger_reader(root)
+    try:
+        assert k(qmqpd(root, req(b"x\n")).stdout)
+        assert pokes(fd) == b"\0"
+        assert qmqpd(root, req(b"m", b"a@b", [])).stdout == ns(NO_RECIPIENTS.encode())
+        assert pokes(fd) == b""
+    finally:
+        os.close(fd)
+
+
 TOO_LONG = ns(ns(b"m") + ns(b"a@b") + ns(b"x" * 1000))
 
 

@@ -42,7 +42,8 @@ def header(environ: Mapping[str, str], pid: int) -> bytes:
 def serve(infd: int = 0, outfd: int = 1) -> int:
     root = Root.from_env()
     queue = Queue(root.queue_dir)
-    sink = QueueSink(queue.draft, header(os.environ, os.getpid()))
+    # Answer first, then wake the scheduler: the client need not wait for that.
+    sink = QueueSink(queue.draft, header(os.environ, os.getpid()), trigger=False)
     session = QmqpSession(sink.write, databytes(os.environ.get("DATABYTES")))
     try:
         event: Event = NEED_DATA
@@ -62,6 +63,8 @@ def serve(infd: int = 0, outfd: int = 1) -> int:
         write_all(outfd, answer(text))
     except OSError:
         pass  # the client went away; what is queued stays queued
+    if sink.injected is not None:
+        queue.poke()
     return 0
 
 
