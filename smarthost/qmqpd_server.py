@@ -94,8 +94,8 @@ class QmqpListener:
         self.queue = Queue(root.queue_dir)
         self.rules = RulesWatcher(os.path.join(root.rules_dir, RULES_CDB))
         self._sock: socket.socket | None = None
-        self._accepting: asyncio.Task | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watching = False
         self._sessions: dict[asyncio.Task, socket.socket] = {}
         self._poke_pending = False
 
@@ -127,14 +127,13 @@ class QmqpListener:
     async def start(self) -> None:
         """Bind (unless bind() did already) and start accepting."""
         self.bind()
-        self._slots = asyncio.Semaphore(self.concurrency)
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+        assert self._sock is not None
+        self._loop = asyncio.get_running_loop()
+        self._watch()
 
     def close(self) -> None:
         """Stop accepting; sessions under way go on (see wait_closed)."""
-        if self._accepting is not None:
-            self._accepting.cancel()
-            self._accepting = None
+        self._unwatch()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -153,25 +152,41 @@ class QmqpListener:
             await asyncio.wait(list(self._sessions), timeout=30)
         self.rules.close()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._sock is not None and self._slots is not None
-        while True:
-            await self._slots.acquire()  # no free slot: the next client waits in the backlog
+    # -- accepting ---------------------------------------------------------------
+    # The listening socket stays registered while a slot is free: unlike
+    # loop.sock_accept(), no future, no epoll_ctl and no failed accept per connection.
+
+    def _watch(self) -> None:
+        if not self._watching and self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._acceptable)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching and self._loop is not None and self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._watching = False
+
+    def _acceptable(self) -> None:
+        """Accept what waits, while a slot is free; with none, the rest waits in the
+        backlog unaccepted, as under tcpserver -c."""
+        assert self._sock is not None and self._loop is not None
+        while len(self._sessions) < self.concurrency:
             try:
-                conn, peer = await loop.sock_accept(self._sock)
-            except OSError as e:
-                self._slots.release()
-                self.log(f"qmqpd: warning: unable to accept: {clean(e.strerror or str(e))}")
-                await asyncio.sleep(1)
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
                 continue
-            except BaseException:
-                self._slots.release()
-                raise
+            except OSError as e:
+                self.log(f"qmqpd: warning: unable to accept: {clean(e.strerror or str(e))}")
+                self._unwatch()
+                self._loop.call_later(1, self._watch)
+                return
             conn.setblocking(False)
-            task = loop.create_task(self._serve(conn, peer[0]))
+            task = self._loop.create_task(self._serve(conn, peer[0]))
             self._sessions[task] = conn
             task.add_done_callback(self._session_done)
+        self._unwatch()
 
     def _poke_soon(self) -> None:
         """Wake the scheduler once this turn of the loop is over (the answer sent, the
@@ -186,8 +201,8 @@ class QmqpListener:
 
     def _session_done(self, task: asyncio.Task) -> None:
         self._sessions.pop(task, None)
-        if self._slots is not None:
-            self._slots.release()
+        if len(self._sessions) < self.concurrency:
+            self._watch()
 
     def policy(self, ip: str) -> Decision:
         """What the rules say for `ip`; CdbError/OSError when the cdb cannot be read."""
