@@ -272,12 +272,13 @@ def ok_text(qp: int, when: float | None = None) -> str:
 
 
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-")
+_SAFE_TABLE = bytes(b if b in _SAFE else 63 for b in range(256))  # 63: '?'
 
 
 def safe(value: str | bytes) -> str:
     """received.c's safeput(): bytes other than letters, digits and `.@%+/=:-` become `?`."""
     raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    return "".join(chr(b) if b in _SAFE else "?" for b in raw)
+    return raw.translate(_SAFE_TABLE).decode("ascii")
 
 
 def received(protocol: str, local: str | None, remoteip: str | None, remotehost: str | None,

@@ -192,6 +192,16 @@ def test_databytes_is_read_like_qmail_smtpd():
     assert [databytes(v) for v in ("5000", " 12k", "x", "", None)] == [5000, 12, 0, 0, 0]
 
 
+@given(st.binary(max_size=200))
+def test_received_and_log_cleaning_map_every_byte(data):
+    from smarthost.qmqp_session import safe
+    from smarthost.qmqpd_server import clean
+    allowed = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-"
+    assert safe(data) == "".join(chr(b) if b in allowed else "?" for b in data)
+    assert clean(data) == "".join(chr(b) if 32 <= b < 127 else "_" for b in data)
+    assert safe(data.decode("latin-1")) == safe(data.decode("latin-1").encode("utf-8"))
+
+
 def test_received_line_is_qmails():
     line = received("QMQP", "mx.test.invalid", "192.0.2.7", "bad host<>", "joe", when=0)
     assert line == (b"Received: from bad?host?? (joe@192.0.2.7)\n"
