@@ -148,11 +148,13 @@ class Queue:
         #: On these filesystems fsync(2) of a file also commits the links made to it
         #: before (a link changes the inode), so the directory fsyncs are redundant
         #: (ext4 without a journal writes the directory of the file's newest name
-        #: instead, which is the mess/S/ or todo/ link that matters here); a busy scheduler unlinking in the same directories would otherwise turn
-        #: each of them into a journal commit of its own.
+        #: instead, which is the mess/S/ or todo/ link that matters here); a busy
+        #: scheduler unlinking in the same directories would otherwise turn each
+        #: of them into a journal commit of its own.
         self.file_fsync_covers_links = filesystem_type(path) in FSYNC_COVERS_LINKS
         self.path = path
         self.split = split
+        self._base = os.path.join(path, "")  # the path with one trailing slash
         self._dirsyncs: dict[str, DirSync] = {}
         self._lock = _thread.allocate_lock()
         self._seq = 0
@@ -161,11 +163,12 @@ class Queue:
     def sub(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
+    # Built by hand: these run several times per message, and os.path.join is slow.
     def split_path(self, kind: str, n: int) -> str:
-        return os.path.join(self.path, kind, str(n % self.split), str(n))
+        return f"{self._base}{kind}/{n % self.split}/{n}"
 
     def flat_path(self, kind: str, n: int) -> str:
-        return os.path.join(self.path, kind, str(n))
+        return f"{self._base}{kind}/{n}"
 
     def mess(self, n: int) -> str:
         return self.split_path("mess", n)

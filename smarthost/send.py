@@ -511,8 +511,9 @@ class Scheduler:
                 if self.scan_due() and not self.stopping:
                     continue
                 try:
-                    await asyncio.wait_for(self.wake.wait(), delay)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(delay):  # no task per turn, unlike wait_for
+                        await self.wake.wait()
+                except TimeoutError:
                     pass
         finally:
             loop.remove_reader(trigger_fd)
