@@ -88,7 +88,20 @@ class _Delivery:
         self.qp = ""
         self.dtline = dotqmail.delivered_to(req.local, req.domain)
         self.rpline = dotqmail.return_path(req.sender)
-        self.env: dict[str, str] = {}
+        self.newsender = ""
+        self.default: str | None = None
+        self._env: dict[str, str] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """qmail-command's environment; built when a program line needs it, not for every delivery."""
+        if self._env is None:
+            req = self.req
+            self._env = dotqmail.program_env(
+                req.env, user=req.user, home=req.home, local=req.local, domain=req.domain,
+                ext=req.ext, sender=req.sender, newsender=self.newsender, default=self.default,
+                when=self.started)
+        return self._env
 
     @contextmanager
     def _reader(self) -> Iterator[BinaryIO]:
@@ -182,10 +195,7 @@ class _Delivery:
             instructions = dotqmail.parse(data)
         except dotqmail.DotQmailError as e:
             raise TemporaryError(f"{e.text} (#{e.status})") from None
-        self.env = dotqmail.program_env(
-            req.env, user=req.user, home=req.home, local=req.local, domain=req.domain,
-            ext=req.ext, sender=req.sender, newsender=newsender, default=default,
-            when=self.started)
+        self.newsender, self.default = newsender, default
 
         forwards: list[str] = []
         for ins in instructions:
