@@ -277,13 +277,27 @@ class Queue:
                 pass
         return n, mess_path, fd
 
-    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes]) -> int:
-        """Write intd/N (not synced); its descriptor, still open, for the caller's fsync."""
+    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes],
+                    fd: int = -1) -> int:
+        """Write intd/N (not synced; created now unless `fd` is it, empty); its descriptor,
+        still open, for the caller's fsync."""
         path = self.intd(n)
         data = bytearray(b"u%d\0p%d\0F" % (os.getuid() if uid is None else uid, qp))
         data += sender + b"\0"
         for r in rcpts:
             data += b"T" + r + b"\0"
+        if fd < 0:
+            fd = self._create_intd(n)
+        try:
+            write_all(fd, bytes(data))
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise QueueError(f"unable to write intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
+        return fd
+
+    def _create_intd(self, n: int) -> int:
+        path = self.intd(n)
         for attempt in (1, 2):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -296,12 +310,6 @@ class Queue:
                 os.unlink(path)
             except OSError as e:
                 raise QueueError(f"unable to create intd/{n}: {e.strerror}", exit_code=QQ.INTD) from None
-        try:
-            write_all(fd, bytes(data))
-        except OSError as e:
-            os.close(fd)
-            os.unlink(path)
-            raise QueueError(f"unable to write intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
         return fd
 
     def poke(self) -> None:
@@ -401,6 +409,15 @@ class Draft:
         self.id, self.path, self._fd = queue._new_mess()
         self.qp = os.getpid()
         self._done = False
+        self._intd_fd = -1
+
+    def prepare(self) -> "Draft":
+        """Create intd/N now, empty, for a commit to come: a draft made ahead of its
+        message (see QmqpListener's spare) then creates no file once the message is in.
+        Like any draft it stays invisible to the scheduler until commit()."""
+        if self._intd_fd < 0:
+            self._intd_fd = self.queue._create_intd(self.id)
+        return self
 
     def write(self, data: bytes) -> None:
         try:
@@ -432,7 +449,8 @@ class Draft:
             os.fsync(self._fd)
         except OSError as e:
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
-        intd_fd = q._write_intd(n, uid, qp, sender, rcpts)
+        intd_fd, self._intd_fd = self._intd_fd, -1
+        intd_fd = q._write_intd(n, uid, qp, sender, rcpts, intd_fd)
         intd_path = q.intd(n)
         try:
             if not q.file_fsync_covers_links:
@@ -474,6 +492,9 @@ class Draft:
 
     def close(self) -> None:
         """Release the entry; without a commit, remove it."""
+        if self._intd_fd >= 0:
+            os.close(self._intd_fd)
+            self._intd_fd = -1
         if self._fd < 0:
             return
         if not self._done:

@@ -21,7 +21,7 @@ from smarthost.qmqp_session import (BAD_ADDRESS, NEED_DATA, NO_RECIPIENTS, TOO_B
                                     QmqpSession, QueueSink, Refused, Request, TooLarge, Truncated,
                                     databytes, received)
 from smarthost.qmqpd_server import QmqpListener
-from smarthost.queue import Queue
+from smarthost.queue import Draft, Queue
 from tests.conftest import Daemon, program, wait_files
 
 pytestmark = pytest.mark.timeout(120)
@@ -365,13 +365,13 @@ def test_a_lone_session_writes_the_queue_itself_unless_its_loop_has_other_work(r
     import threading
 
     threads = []
-    real = Queue.draft
+    real = Draft.commit_raw
 
-    def draft(self):
+    def commit_raw(self, *a, **kw):
         threads.append(threading.current_thread() is threading.main_thread())
-        return real(self)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(Queue, "draft", draft)
+    monkeypatch.setattr(Draft, "commit_raw", commit_raw)
 
     async def one(lst):
         lst.inline_alone = inline_alone
@@ -416,6 +416,52 @@ def test_stdio_qmqpd_wakes_the_scheduler_after_a_commit_only(root):
         assert pokes(fd) == b""
     finally:
         os.close(fd)
+
+
+def test_an_idle_listener_keeps_a_spare_draft_for_the_next_message(root, monkeypatch):
+    """Its files exist before the client connects; the scheduler and cleanup leave it be;
+    unused it goes after SPARE_IDLE, and with the listener."""
+    import smarthost.qmqpd_server as server
+    monkeypatch.setattr(server, "SPARE_IDLE", 0.3)
+    q = Queue(root.queue_dir)
+    seen = {}
+
+    async def scenario(lst):
+        [spare] = q.mess_ids()
+        seen["spare"] = spare
+        assert os.path.exists(q.intd(spare)) and q.todo_ids() == []
+        assert q.cleanup() == [] and q.mess_ids() == [spare]  # locked: an injection under way
+        got = await talk(lst.port, req(b"Subject: spare\n\nx\n"))
+        assert k(got)
+        assert q.todo_ids() == [spare]  # the message took the spare's number
+        await asyncio.sleep(0.05)
+        [again] = [n for n in q.mess_ids() if n != spare]  # and a new spare is made
+        seen["again"] = again
+        await asyncio.sleep(0.6)
+        assert q.mess_ids() == [spare] and not os.path.exists(q.intd(again))  # unused: gone
+        return got
+
+    listen(root, scenario)
+    assert q.mess_ids() == [seen["spare"]]
+    assert Queue(root.queue_dir).todo_ids() == [seen["spare"]]
+    data = open(q.mess(seen["spare"]), "rb").read()
+    assert data.startswith(b"Received: (qmail ") and data.endswith(b"Subject: spare\n\nx\n")
+
+
+def test_no_spare_where_the_loop_has_other_work_and_none_left_at_close(root):
+    q = Queue(root.queue_dir)
+
+    async def scenario(lst):
+        assert len(q.mess_ids()) == 1
+        lst.inline_alone = False
+        lst._drop_spare()
+        assert k(await talk(lst.port, req(b"x\n")))
+        await asyncio.sleep(0.05)
+        return len(q.mess_ids())
+
+    assert listen(root, scenario)[0] == 1  # the message only
+    q.cleanup()
+    assert len(q.mess_ids()) == 1 and len(q.todo_ids()) == 1
 
 
 TOO_LONG = ns(ns(b"m") + ns(b"a@b") + ns(b"x" * 1000))
