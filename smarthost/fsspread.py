@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 #: <linux/fs.h>: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS are _IOR/_IOW('f', 1|2, long),
 #: though the kernel reads and writes an int through them.
@@ -29,40 +32,43 @@ FS_TOPDIR_FL = 0x00020000
 
 
 def flags(path: str) -> int | None:
-    """The inode flags of `path` (chattr's), or None where the filesystem has none."""
-    import fcntl
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        buf = bytearray(_LONG)
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
-        return struct.unpack_from("i", buf)[0]
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    """The inode flags of directory `path` (chattr's), or None where the filesystem has none."""
+    return _on_dir(path, _get)
 
 
 def spread_subdirs(path: str) -> bool:
     """Mark directory `path` TOPDIR for subdirectories made from now on; True if it is."""
-    import fcntl
-    current = flags(path)
-    if current is None:
-        return False
-    if current & FS_TOPDIR_FL:
+    def mark(fd: int) -> bool:
+        current = _get(fd)
+        if not current & FS_TOPDIR_FL:
+            _set(fd, current | FS_TOPDIR_FL)
         return True
+    return bool(_on_dir(path, mark))
+
+
+def _on_dir(path: str, fn: Callable[[int], T]) -> T | None:
+    """fn(descriptor of directory `path`), or None on any OSError (not a directory, no flags)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
-        buf = bytearray(_LONG)
-        struct.pack_into("i", buf, 0, current | FS_TOPDIR_FL)
-        fcntl.ioctl(fd, FS_IOC_SETFLAGS, buf)
+        return fn(fd)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
-    return True
+
+
+def _get(fd: int) -> int:
+    import fcntl
+    buf = bytearray(_LONG)
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    return struct.unpack_from("i", buf)[0]
+
+
+def _set(fd: int, value: int) -> None:
+    import fcntl
+    buf = bytearray(_LONG)
+    struct.pack_into("i", buf, 0, value)
+    fcntl.ioctl(fd, FS_IOC_SETFLAGS, buf)
