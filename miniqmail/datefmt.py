@@ -8,11 +8,20 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
+_last822: tuple[int, str] = (-1, "")
+
+
 def date822(when: float | None = None) -> str:
     """RFC 822 date as qmail writes it: UTC, no weekday, unpadded day, zone -0000."""
-    t = time.gmtime(when)
-    return (f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+    global _last822
+    sec = int(time.time() if when is None else when // 1)  # gmtime() floors too
+    if sec == _last822[0]:
+        return _last822[1]  # a server writes many a second
+    t = time.gmtime(sec)
+    text = (f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} -0000")
+    _last822 = (sec, text)
+    return text
 
 
 def ctime_gmt(when: float | None = None) -> str:

@@ -234,6 +234,8 @@ def match(source: Lookup | Sequence[Rule], ip: str, host: str | None = None,
 
 def normalize_ip(ip: str) -> str:
     """TCPREMOTEIP as the IPv6 patch writes it: compressed, IPv4-mapped shown as plain IPv4."""
+    if ip.count(".") == 3 and ip.replace(".", "").isdigit():
+        return ip  # already its own canonical form, or invalid and so kept as it is
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:

@@ -282,3 +282,24 @@ def test_set_rule_text_edits():
     assert tcprules.set_rule(b"# c\n:deny", b"1.2.:allow") == b"# c\n1.2.:allow\n:deny\n"
     assert tcprules.set_rule(b"a:allow\n#x\na:deny\n", b"a:deny") == b"a:deny\n#x\na:deny\n"
     assert tcprules.set_rule(b"x:allow", b"y:allow") == b"x:allow\ny:allow\n"
+
+
+def _slow_normalize(ip: str) -> str:
+    import ipaddress
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip
+
+
+def test_dotted_digits_are_kept_as_they_are_valid_or_not():
+    from hypothesis import given, strategies as st
+
+    @given(st.lists(st.text("0123456789", min_size=1, max_size=4), min_size=4, max_size=4))
+    def check(parts):
+        ip = ".".join(parts)
+        assert normalize_ip(ip) == _slow_normalize(ip) == ip
+
+    check()
+    assert normalize_ip("192.0.2.7") == "192.0.2.7" and normalize_ip("01.2.3.4") == "01.2.3.4"
+    assert normalize_ip("1.2.3.4.5") == "1.2.3.4.5" and normalize_ip("1.2.3") == "1.2.3"
