@@ -17,7 +17,8 @@ State table (what exists for N)                         meaning, and what start-
 
 Injection order (each step one create, link or unlink):
   create pid/P (O_EXCL) -> N = its inode; link pid/P -> mess/S/N; unlink pid/P;
-  write Received line + message; fsync mess; create intd/N; write envelope;
+  write Received line + message; create intd/N (or find it made ahead, see
+  Draft.prepare); write envelope and start its writeback; fsync mess;
   fsync mess/S/ (so the name survives); link intd/N -> todo/N  (the commit point);
   fsync intd/N, fsync todo/ (envelope and link durable; only now is anyone told
   "queued"); poke lock/trigger.
@@ -397,6 +398,16 @@ class Queue:
         return removed
 
 
+def _start_writeback(fd: int) -> None:
+    """Start writing `fd`'s dirty pages to the disk without waiting for them: on Linux
+    POSIX_FADV_DONTNEED does that (and drops only pages already clean); elsewhere
+    it is a hint at most. The fsync that follows still decides durability."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 class Draft:
     """One injection under way: the message is written first, the envelope commits it.
 
@@ -445,13 +456,18 @@ class Draft:
                    qp: int | None = None, trigger: bool = True) -> Injected:
         q, n = self.queue, self.id
         qp = self.qp if qp is None else qp
+        intd_path = q.intd(n)
+        # The envelope is written before the message's fsync, and its writeback
+        # started, so that it travels to the disk while that fsync waits; without
+        # todo/N it is invisible all the same.
+        intd_fd, self._intd_fd = self._intd_fd, -1
+        intd_fd = q._write_intd(n, uid, qp, sender, rcpts, intd_fd)
+        _start_writeback(intd_fd)
         try:
             os.fsync(self._fd)
         except OSError as e:
+            os.close(intd_fd)
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
-        intd_fd, self._intd_fd = self._intd_fd, -1
-        intd_fd = q._write_intd(n, uid, qp, sender, rcpts, intd_fd)
-        intd_path = q.intd(n)
         try:
             if not q.file_fsync_covers_links:
                 q._dirsync(os.path.dirname(self.path))
