@@ -278,24 +278,17 @@ class Queue:
                 pass
         return n, mess_path, fd
 
-    def _write_intd(self, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes],
-                    fd: int = -1) -> int:
-        """Write intd/N (not synced; created now unless `fd` is it, empty); its descriptor,
-        still open, for the caller's fsync."""
-        path = self.intd(n)
+    @staticmethod
+    def _write_intd(fd: int, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes]) -> None:
+        """Write the envelope into intd/N's descriptor `fd` (not synced; the caller keeps `fd`)."""
         data = bytearray(b"u%d\0p%d\0F" % (os.getuid() if uid is None else uid, qp))
         data += sender + b"\0"
         for r in rcpts:
             data += b"T" + r + b"\0"
-        if fd < 0:
-            fd = self._create_intd(n)
         try:
             write_all(fd, bytes(data))
         except OSError as e:
-            os.close(fd)
-            os.unlink(path)
             raise QueueError(f"unable to write intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
-        return fd
 
     def _create_intd(self, n: int) -> int:
         path = self.intd(n)
@@ -456,28 +449,23 @@ class Draft:
                    qp: int | None = None, trigger: bool = True) -> Injected:
         q, n = self.queue, self.id
         qp = self.qp if qp is None else qp
-        intd_path = q.intd(n)
         # The envelope is written before the message's fsync, and its writeback
         # started, so that it travels to the disk while that fsync waits; without
-        # todo/N it is invisible all the same.
-        intd_fd, self._intd_fd = self._intd_fd, -1
-        intd_fd = q._write_intd(n, uid, qp, sender, rcpts, intd_fd)
-        _start_writeback(intd_fd)
+        # todo/N it is invisible all the same. Until the commit, trouble leaves
+        # intd/N and its descriptor to close(), which removes the entry.
+        if self._intd_fd < 0:
+            self._intd_fd = q._create_intd(n)
+        q._write_intd(self._intd_fd, n, uid, qp, sender, rcpts)
+        _start_writeback(self._intd_fd)
         try:
             os.fsync(self._fd)
         except OSError as e:
-            os.close(intd_fd)
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
         try:
             if not q.file_fsync_covers_links:
                 q._dirsync(os.path.dirname(self.path))
-            os.link(intd_path, q.todo(n))
+            os.link(q.intd(n), q.todo(n))
         except OSError as e:
-            os.close(intd_fd)
-            try:
-                os.unlink(intd_path)
-            except OSError:
-                pass
             raise QueueError(f"unable to link todo/{n}: {e.strerror}", exit_code=QQ.TODO) from None
         # One fsync makes the envelope and (on a journalling filesystem) the link
         # durable in one commit; elsewhere the directory fsync below does it.
@@ -487,16 +475,12 @@ class Draft:
         # not the name: once todo/N exists, the scheduler may deliver the message
         # and remove intd/N before this fsync.
         try:
-            try:
-                os.fsync(intd_fd)
-            finally:
-                os.close(intd_fd)
+            os.fsync(self._intd_fd)
         except OSError as e:
-            for p in (q.todo(n), intd_path):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+            try:
+                os.unlink(q.todo(n))  # not durable, so not queued; close() removes the rest
+            except OSError:
+                pass
             raise QueueError(f"unable to sync intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
         self._done = True
         self.close()

@@ -99,7 +99,9 @@ def test_crash_before_commit_is_invisible_and_cleaned(q, step):
         if step == "mess":
             return
         n = d.id
-        os.close(q._write_intd(n, 0, 1, b"a@b", [b"c@d"]))
+        fd = q._create_intd(n)
+        q._write_intd(fd, n, 0, 1, b"a@b", [b"c@d"])
+        os.close(fd)
         if step == "intd":
             return
         os.fsync(d._fd)
