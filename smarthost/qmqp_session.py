@@ -318,12 +318,13 @@ class QueueSink:
 
     qmail-qmqpd keeps reading after qmail-queue trouble and reports it once the
     request is in; so does this: a failed write is remembered, later data dropped.
+    A commit does not wake the scheduler: the server does, once the client has
+    its answer (`injected` says whether there is anything to wake it for).
     """
 
-    def __init__(self, open_draft: Callable[[], Draft], header: bytes = b"", *, trigger: bool = True):
+    def __init__(self, open_draft: Callable[[], Draft], header: bytes = b""):
         self._open = open_draft
         self.header = header
-        self.trigger = trigger         # poke lock/trigger on commit; False: the caller does, later
         self.draft: Draft | None = None
         self.error: int | None = None  # qmail-queue exit code of the first trouble
         self.reason = ""               # what went wrong, for the log (never for the client)
@@ -361,7 +362,7 @@ class QueueSink:
             try:
                 done = draft.commit(event.sender.decode("utf-8", "surrogateescape"),
                                     [r.decode("utf-8", "surrogateescape") for r in event.recipients],
-                                    trigger=self.trigger)
+                                    trigger=False)
             except _QUEUE_TROUBLE as e:
                 self.reason = str(e)
                 return report(_qq_code(e))

@@ -106,6 +106,7 @@ class QmqpListener:
         self._poke_pending = False
         self._spare: Draft | None = None
         self._spare_lock = threading.Lock()
+        self._spare_timer: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> str:
@@ -203,7 +204,8 @@ class QmqpListener:
         connection closed); sessions committing in the same turn share one poke."""
         if not self._poke_pending:
             self._poke_pending = True
-            asyncio.get_running_loop().call_soon(self._poke)
+            assert self._loop is not None
+            self._loop.call_soon(self._poke)
 
     def _poke(self) -> None:
         self._poke_pending = False
@@ -244,7 +246,9 @@ class QmqpListener:
             spare.close()
             return
         self._spare = spare
-        self._loop.call_later(SPARE_IDLE, self._drop_spare, spare)
+        if self._spare_timer is not None:
+            self._spare_timer.cancel()  # the last spare's, taken by now: one timer at most
+        self._spare_timer = self._loop.call_later(SPARE_IDLE, self._drop_spare, spare)
 
     def _drop_spare(self, which: Draft | None = None) -> None:
         """Remove the spare (only if it is still `which`, when given)."""
@@ -283,7 +287,7 @@ class QmqpListener:
         head = received_line("invoked from network", os.getpid()) + received("QMQP", local, ip, None)
         # The scheduler is woken after the answer, not before: the wake-up may hand
         # it the CPU, and the client should not wait for that (see _poke_soon).
-        sink = QueueSink(self._take_draft, head, trigger=False)
+        sink = QueueSink(self._take_draft, head)
         chunks: list[bytes] = []
         session = QmqpSession(chunks.append, databytes(decision.env.get("DATABYTES")))
         deadline = loop.time() + self.session_timeout

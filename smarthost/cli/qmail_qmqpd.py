@@ -43,7 +43,7 @@ def serve(infd: int = 0, outfd: int = 1) -> int:
     root = Root.from_env()
     queue = Queue(root.queue_dir)
     # Answer first, then wake the scheduler: the client need not wait for that.
-    sink = QueueSink(queue.draft, header(os.environ, os.getpid()), trigger=False)
+    sink = QueueSink(queue.draft, header(os.environ, os.getpid()))
     session = QmqpSession(sink.write, databytes(os.environ.get("DATABYTES")))
     try:
         event: Event = NEED_DATA
