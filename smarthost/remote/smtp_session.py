@@ -128,7 +128,6 @@ class SmtpSession:
 
     # -- the dialogue -------------------------------------------------------------
     def _dialogue(self) -> Generator[Op, Any, Outcome]:
-        t = self.t
         if self.resume is None:
             ext = yield from self._open()
             if isinstance(ext, Outcome):
