@@ -1,11 +1,17 @@
 """Maildir delivery and creation, after maildir(5), maildirmake(1) and qmail-local.c.
 
 A message is delivered when its name appears in `new/`. The order that makes a
-crash at any instant harmless: create `tmp/NAME` exclusively, write, fsync and
-close (checking both: NFS reports write errors at close), link into `new/NAME`,
-unlink `tmp/NAME`, fsync `new/` so the link itself survives a crash (qmail and
-CPython's mailbox.py skip that last step). Any failure removes the tmp file and
-raises MaildirError: the caller defers and nothing half-written is ever seen.
+crash at any instant harmless: create the file in `tmp/`, write, fsync and close
+(checking both: NFS reports write errors at close), link it into `new/NAME`, then
+fsync `new/` so the link itself survives a crash (qmail and CPython's mailbox.py
+skip that last step). Any failure removes what was made and raises MaildirError:
+the caller defers and nothing half-written is ever seen.
+
+Where the system can (Linux's O_TMPFILE, with /proc to link it), the file in
+`tmp/` has no name until it is linked into `new/`: it cannot collide, a crash
+leaves no `tmp/` file to sweep, and its fsync does not also have to write `tmp/`
+itself (ext4 without a journal syncs a new file's directory with it). Elsewhere
+it is qmail's `tmp/NAME`, created exclusively and unlinked once in `new/`.
 
 Names are `<seconds>.M<usec>P<pid>Q<n>.<host>` (the modern form on
 cr.yp.to/proto/maildir.html); `n` counts deliveries in this process, so one
@@ -34,6 +40,12 @@ _counter = itertools.count(1)
 _NO_LINK = {errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 # fsync(2) on a directory that the filesystem cannot sync: nothing more to do.
 _NO_DIRSYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+# open(2) with O_TMPFILE refused: the kernel or the filesystem makes no unnamed files.
+_NO_UNNAMED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL, errno.ENOSYS}
+#: Make the file unnamed in tmp/ where the system can; False always uses qmail's tmp/NAME.
+UNNAMED = hasattr(os, "O_TMPFILE")
+_SELF_FD = "/proc/self/fd"
+_self_fd: bool | None = None  # can an unnamed file be linked by its /proc/self/fd name?
 
 
 class MaildirError(MailboxError):
@@ -155,8 +167,12 @@ def _publish(tmp: str, new: str) -> None:
         pass  # the message is already in new/; a stray tmp file is swept after 36 hours
 
 
-def _sync_dir(path: str, new: str) -> None:
+def _sync_dir(path: str, new: str, dfd: int | None = None) -> None:
+    """fsync directory `path` (or its open descriptor `dfd`); on failure withdraw `new`."""
     try:
+        if dfd is not None:
+            os.fsync(dfd)
+            return
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)
@@ -173,6 +189,54 @@ def _sync_dir(path: str, new: str) -> None:
         raise MaildirError(f"unable to sync {path}: {why(e)}", path, e) from None
 
 
+def _create_unnamed(maildir: str) -> int | None:
+    """A file in tmp/ without a name (O_TMPFILE), or None where the system makes
+    none or could not link it into new/ afterwards."""
+    global _self_fd
+    if not UNNAMED:
+        return None
+    if _self_fd is None:
+        _self_fd = os.path.isdir(_SELF_FD)
+    if not _self_fd:
+        return None
+    tmp = os.path.join(maildir, "tmp")
+    try:
+        return os.open(tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno in _NO_UNNAMED:
+            return None
+        raise MaildirError(f"unable to create a file in {tmp}: {why(e)}", tmp, e) from None
+
+
+def _deliver_unnamed(maildir: str, fd: int, source: BinaryIO, prefix: bytes) -> str:
+    """Write and sync the unnamed file `fd`, then link it into new/ under a fresh name
+    and sync new/. On failure nothing is left: an unnamed file vanishes with its last
+    descriptor, which the caller closes."""
+    _copy(fd, os.path.join(maildir, "tmp"), source, prefix)
+    newdir = os.path.join(maildir, "new")
+    try:
+        dfd = os.open(newdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MaildirError(f"unable to open {newdir}: {why(e)}", newdir, e) from None
+    try:
+        for attempt in range(CREATE_TRIES):
+            name = unique_name()
+            try:
+                # dst_dir_fd makes this linkat(2), which follows the /proc link to the file.
+                os.link(f"{_SELF_FD}/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
+                break
+            except FileExistsError as e:
+                # Names are unique per process; a clash means a clock step back.
+                if attempt == CREATE_TRIES - 1:
+                    raise MaildirError(f"unable to find a unique name in {newdir}", newdir, e) from None
+            except OSError as e:
+                raise MaildirError(f"unable to link into {newdir}: {why(e)}", newdir, e) from None
+        _sync_dir(newdir, os.path.join(newdir, name), dfd)
+    finally:
+        os.close(dfd)
+    return name
+
+
 def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
     """Write `prefix` then `source` (from its current position) into `maildir`; return NAME.
 
@@ -180,6 +244,15 @@ def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
     MaildirError (an OSError) on any failure, with no file left in tmp/ or new/.
     """
     _check_dir(maildir)
+    fd = _create_unnamed(maildir)
+    if fd is not None:
+        try:
+            return _deliver_unnamed(maildir, fd, source, prefix)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # after its fsync (O_TMPFILE means a local filesystem), nothing to lose
     name, tmp, fd = _create_tmp(maildir)
     new = os.path.join(maildir, "new", name)
     try:

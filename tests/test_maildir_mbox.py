@@ -134,6 +134,14 @@ class TestMaildirContract(MailboxContract):
         assert self.messages(t) == [b"Subject: x\n\nno newline"]
 
 
+class TestNamedMaildirContract(TestMaildirContract):
+    """The same promises where the system makes no unnamed files: qmail's tmp/NAME."""
+
+    @pytest.fixture(autouse=True)
+    def _named(self, monkeypatch):
+        monkeypatch.setattr(maildir, "UNNAMED", False)
+
+
 class TestMboxContract(MailboxContract):
     def target(self, tmp_path) -> str:
         return str(tmp_path / "Mailbox")
@@ -165,7 +173,9 @@ class TestMboxContract(MailboxContract):
 NAME_RE = re.compile(r"^\d+\.M\d+P%dQ\d+\.[^/:]+$" % os.getpid())
 
 
-def test_maildir_name_format_and_uniqueness(tmp_path):
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_maildir_name_format_and_uniqueness(tmp_path, monkeypatch, unnamed):
+    monkeypatch.setattr(maildir, "UNNAMED", unnamed and maildir.UNNAMED)
     path = str(tmp_path / "Maildir")
     maildir.make(path)
     names = [maildir.deliver(path, io.BytesIO(b"x\n")) for _ in range(500)]
@@ -205,10 +215,50 @@ def test_maildir_without_new_leaves_no_tmp_file(tmp_path):
     assert os.listdir(os.path.join(path, "tmp")) == []
 
 
+class WatchingSource(io.RawIOBase):
+    """A message that lists `directory` each time it is read, as another reader would."""
+
+    def __init__(self, data: bytes, directory: str):
+        self.data = io.BytesIO(data)
+        self.directory = directory
+        self.seen: list[list[str]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        self.seen.append(sorted(os.listdir(self.directory)))
+        return self.data.readinto(b)
+
+
+@pytest.mark.skipif(not maildir.UNNAMED, reason="this system makes no unnamed files (O_TMPFILE)")
+def test_maildir_file_unnamed_until_linked_into_new(tmp_path):
+    path = str(tmp_path / "M")
+    maildir.make(path)
+    src = WatchingSource(MESSAGE * 3000, os.path.join(path, "tmp"))
+    name = maildir.deliver(path, io.BufferedReader(src, 4096))
+    assert len(src.seen) > 1 and all(seen == [] for seen in src.seen)
+    st = os.stat(os.path.join(path, "new", name))
+    assert st.st_nlink == 1 and st.st_mode & 0o777 == 0o600
+    assert open(os.path.join(path, "new", name), "rb").read() == MESSAGE * 3000
+
+
+def test_maildir_named_tmp_file_while_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(maildir, "UNNAMED", False)
+    path = str(tmp_path / "M")
+    maildir.make(path)
+    src = WatchingSource(MESSAGE * 3000, os.path.join(path, "tmp"))
+    name = maildir.deliver(path, io.BufferedReader(src, 4096))
+    assert all(seen == [name] for seen in src.seen)
+    assert os.listdir(os.path.join(path, "tmp")) == []
+    assert os.stat(os.path.join(path, "new", name)).st_nlink == 1
+
+
 def test_maildir_rename_when_link_not_permitted(tmp_path, monkeypatch):
     def no_link(src, dst):
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
+    monkeypatch.setattr(maildir, "UNNAMED", False)
     monkeypatch.setattr(os, "link", no_link)
     path = str(tmp_path / "M")
     maildir.make(path)
