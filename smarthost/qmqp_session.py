@@ -295,11 +295,16 @@ def received(protocol: str, local: str | None, remoteip: str | None, remotehost:
     return "".join(parts).encode("ascii")
 
 
+class Committed(Protocol):
+    id: int   # the queue's name for the message
+    qp: int
+
+
 class Draft(Protocol):
     qp: int
 
     def write(self, data: bytes) -> None: ...
-    def commit(self, sender: str, recipients: list[str], **kw: object) -> object: ...
+    def commit(self, sender: str, recipients: list[str], **kw: object) -> Committed: ...
     def close(self) -> None: ...
 
 
@@ -329,7 +334,7 @@ class QueueSink:
         self.error: int | None = None  # qmail-queue exit code of the first trouble
         self.reason = ""               # what went wrong, for the log (never for the client)
         self.finished = False
-        self.injected: object = None   # what the draft's commit returned
+        self.injected: Committed | None = None   # what the draft's commit returned
 
     def _ensure(self) -> Draft | None:
         if self.draft is None and self.error is None:

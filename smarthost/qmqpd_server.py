@@ -103,7 +103,7 @@ class QmqpListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watching = False
         self._sessions: dict[asyncio.Task, socket.socket] = {}
-        self._poke_pending = False
+        self._poke_ids: list[int] = []  # committed this turn, not yet announced
         self._spare: Draft | None = None
         self._spare_lock = threading.Lock()
         self._spare_timer: asyncio.TimerHandle | None = None
@@ -199,17 +199,18 @@ class QmqpListener:
             task.add_done_callback(self._session_done)
         self._unwatch()
 
-    def _poke_soon(self) -> None:
-        """Wake the scheduler once this turn of the loop is over (the answer sent, the
-        connection closed); sessions committing in the same turn share one poke."""
-        if not self._poke_pending:
-            self._poke_pending = True
+    def _poke_soon(self, n: int) -> None:
+        """Wake the scheduler for message `n` once this turn of the loop is over (the
+        answer sent, the connection closed); sessions committing in the same turn
+        share one poke."""
+        if not self._poke_ids:
             assert self._loop is not None
             self._loop.call_soon(self._poke)
+        self._poke_ids.append(n)
 
     def _poke(self) -> None:
-        self._poke_pending = False
-        self.queue.poke()
+        ids, self._poke_ids = self._poke_ids, []
+        self.queue.poke(ids)
 
     def _session_done(self, task: asyncio.Task) -> None:
         self._sessions.pop(task, None)
@@ -321,7 +322,7 @@ class QmqpListener:
             # The last data, the commit and its fsyncs: one trip to a worker thread.
             text = str(await in_thread(_finish, sink, batch, event))
             if sink.injected is not None:
-                self._poke_soon()  # committed: the scheduler must hear of it, answered or not
+                self._poke_soon(sink.injected.id)  # committed: the scheduler must hear of it, answered or not
             async with asyncio.timeout(self.timeout):
                 await loop.sock_sendall(conn, answer(text))
             if isinstance(event, Request) and text.startswith("K"):

@@ -21,7 +21,7 @@ Injection order (each step one create, link or unlink):
   Draft.prepare); write envelope and start its writeback; fsync mess;
   fsync mess/S/ (so the name survives); link intd/N -> todo/N  (the commit point);
   fsync intd/N, fsync todo/ (envelope and link durable; only now is anyone told
-  "queued"); poke lock/trigger.
+  "queued"); poke lock/trigger (see poke: our injectors name what they queued).
 The directory fsyncs are coalesced across concurrent injectors (group commit),
 and skipped where a file's fsync already commits its links (FSYNC_COVERS_LINKS).
 A crash before the todo link leaves S2, which nothing else reads.
@@ -34,6 +34,7 @@ import errno
 import fcntl
 import os
 import re
+import select
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
@@ -118,6 +119,19 @@ class Injected:
 
     id: int
     qp: int
+
+
+def trigger_ids(data: bytes, capacity: int) -> list[int] | None:
+    """The ids that lock/trigger's pokes named (Queue.poke), from everything read
+    from it at once; None when todo/ must be listed instead: a bare byte (qmail's
+    poke), anything malformed, or so much that the fifo may have been full (with
+    `capacity` bytes, a poke finding less than PIPE_BUF free may have been lost)."""
+    if not data or data[-1:] != b"\n" or len(data) + select.PIPE_BUF > capacity:
+        return None
+    lines = data[:-1].split(b"\n")
+    if not all(line.isdigit() and len(line) <= 20 for line in lines):
+        return None
+    return [int(line) for line in lines]
 
 
 def received_line(invoked: str, pid: int | None = None, when: float | None = None) -> bytes:
@@ -306,14 +320,23 @@ class Queue:
                 raise QueueError(f"unable to create intd/{n}: {e.strerror}", exit_code=QQ.INTD) from None
         return fd
 
-    def poke(self) -> None:
-        """Wake the scheduler: one byte into lock/trigger, ignoring every error."""
+    def poke(self, ids: Iterable[int] = ()) -> None:
+        """Wake the scheduler through lock/trigger, ignoring every error.
+
+        qmail writes one byte, and the scheduler then lists todo/. With `ids`,
+        the messages just committed, this writes `N\\n` for each instead, so
+        the scheduler can take them without listing todo/ (trigger_ids). One
+        write of at most PIPE_BUF bytes, so that writers never interleave.
+        """
+        data = b"".join(b"%d\n" % n for n in ids) or b"\0"
+        if len(data) > select.PIPE_BUF:
+            data = b"\0"
         try:
             fd = os.open(self.trigger, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:
             return
         try:
-            os.write(fd, b"\0")
+            os.write(fd, data)
         except OSError:
             pass
         finally:
@@ -487,7 +510,7 @@ class Draft:
         if not q.file_fsync_covers_links:
             q._dirsync(q.sub("todo"))
         if trigger:
-            q.poke()
+            q.poke((n,))
         return Injected(n, qp)
 
     def close(self) -> None:

@@ -5,13 +5,14 @@ worker threads, local deliveries in children of the spawner (smarthost.lspawn),
 remote deliveries through one pluggable coroutine. Log lines follow qmail-log(5).
 
 Signals: the trigger fifo and SIGALRM make everything due now (ALRM) or
-rescan todo/ (trigger); SIGHUP rereads control files; SIGTERM finishes
-the deliveries under way and exits.
+rescan todo/ (trigger; a poke that names its messages spares the listing);
+SIGHUP rereads control files; SIGTERM finishes the deliveries under way and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import heapq
 import os
 import signal
@@ -24,7 +25,7 @@ from smarthost import schedule
 from smarthost.bounce import BounceConfig, compose_head, decide
 from smarthost.chain import Chain
 from smarthost.logfmt import Log, safe
-from smarthost.queue import Queue, received_line
+from smarthost.queue import Queue, received_line, trigger_ids
 from smarthost.rewrite import Routing
 from smarthost.root import Root
 from smarthost.spawnclient import LocalSpawner
@@ -170,8 +171,12 @@ class Scheduler:
         return out
 
     def scan_todo(self) -> None:
+        """List todo/ for what is not known yet."""
+        self.note_todo(self.queue.todo_ids())
+
+    def note_todo(self, ids: list[int]) -> None:
         """Note the todo/N not seen yet; fill() preprocesses them as delivery slots come near."""
-        new = [n for n in self.queue.todo_ids() if n not in self.messages and n not in self.backlog_ids]
+        new = [n for n in dict.fromkeys(ids) if n not in self.messages and n not in self.backlog_ids]
         self.backlog.extend(new)
         self.backlog_ids.update(new)
 
@@ -464,13 +469,19 @@ class Scheduler:
         self.stopping = True
         self.poke()
 
-    def on_trigger(self, fd: int) -> None:
+    def on_trigger(self, fd: int, capacity: int) -> None:
+        data = b""
         try:
-            while os.read(fd, 4096):
-                pass
+            while chunk := os.read(fd, 65536):
+                if len(data) < capacity:  # beyond that it means "scan" anyway
+                    data += chunk
         except BlockingIOError:
             pass
-        self.scan_wanted = True
+        ids = trigger_ids(data, capacity)
+        if ids is None:
+            self.scan_wanted = True
+        elif not self.stopping:
+            self.note_todo(ids)
         self.poke()
 
     # -- main loop -----------------------------------------------------------------
@@ -478,7 +489,11 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         await self.local.start()
         trigger_fd = os.open(self.queue.trigger, os.O_RDWR | os.O_NONBLOCK)
-        loop.add_reader(trigger_fd, self.on_trigger, trigger_fd)
+        try:
+            capacity = fcntl.fcntl(trigger_fd, fcntl.F_GETPIPE_SZ)
+        except (AttributeError, OSError):
+            capacity = 0  # unknown: every poke means "scan", as in qmail
+        loop.add_reader(trigger_fd, self.on_trigger, trigger_fd, capacity)
         for sig, fn in ((signal.SIGALRM, self.on_alarm), (signal.SIGHUP, self.on_hup),
                         (signal.SIGTERM, self.on_term), (signal.SIGINT, self.on_term)):
             loop.add_signal_handler(sig, fn)

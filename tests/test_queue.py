@@ -3,14 +3,17 @@
 import io
 import os
 import re
+import select
 import signal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from miniqmail import envelope
 from miniqmail.exitcodes import QQ
 from smarthost.errors import PermanentError
-from smarthost.queue import Queue, QueueError
+from smarthost.queue import Queue, QueueError, trigger_ids
 from tests.conftest import queue_with_program
 
 
@@ -45,13 +48,40 @@ def test_inject_writes_mess_and_todo_named_by_inode(q):
     assert os.listdir(q.sub("pid")) == []
 
 
-def test_trigger_is_poked(q):
+def test_trigger_is_poked_with_the_id_queued(q):
     fd = os.open(q.trigger, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        q.inject(b"x\n", "", ["a@b"])
-        assert os.read(fd, 10) == b"\0"
+        n = q.inject(b"x\n", "", ["a@b"]).id
+        assert os.read(fd, 100) == b"%d\n" % n
+        q.poke()
+        assert os.read(fd, 100) == b"\0"  # qmail's poke: "list todo/"
+        q.poke(range(10**15, 10**15 + 1000))  # more than one atomic write can hold
+        assert os.read(fd, 100_000) == b"\0"
     finally:
         os.close(fd)
+
+
+def test_trigger_ids_reads_what_pokes_wrote():
+    cap = 65536
+    assert trigger_ids(b"12\n7\n12\n", cap) == [12, 7, 12]
+    for scan in (b"", b"\0", b"12\n\0", b"\012\n", b"12", b"12\n\n", b"1 2\n", b"-1\n",
+                 b"\xd9\xa3\n", b"1" * 21 + b"\n"):
+        assert trigger_ids(scan, cap) is None, scan
+    # Near the fifo's capacity a poke may have found it full and been lost: list todo/.
+    near = b"1\n" * ((cap - select.PIPE_BUF) // 2)
+    assert trigger_ids(near, cap) == [1] * len(near[::2])
+    assert trigger_ids(near + b"1\n", cap) is None
+    assert trigger_ids(b"1\n", 0) is None  # capacity unknown
+
+
+@given(st.lists(st.integers(0, 2**64), max_size=300), st.binary(max_size=40))
+def test_trigger_ids_property(ids, junk):
+    data = b"".join(b"%d\n" % n for n in ids)
+    assert trigger_ids(data, 65536) == (ids or None)
+    got = trigger_ids(data + junk, 65536)
+    assert got is None or all(isinstance(n, int) and n >= 0 for n in got)
+    if junk and not junk.endswith(b"\n"):
+        assert got is None
 
 
 def test_bad_addresses_are_permanent_and_leave_nothing(q):

@@ -177,3 +177,41 @@ def test_removing_a_finished_message_never_holds_up_the_loop(root):
     d = re.search(rf"starting delivery (\d+): msg {quick} to remote", log).group(1)
     assert log.index(f"delivery {d}: success") < log.index(f"end msg {slow}")
     assert q.mess_ids() == []
+
+
+def test_a_poke_that_names_its_messages_spares_listing_todo(root):
+    """Our injectors write the ids they queued into lock/trigger; the scheduler takes
+    those without listing todo/. qmail's bare byte still makes it list todo/."""
+    out = io.StringIO()
+    q = Queue(root.queue_dir)
+    sent: list[int] = []
+
+    async def remote(msg, recipients, messpath):
+        sent.append(msg.id)
+        return [("K", "127.0.0.2 accepted message.")] * len(recipients)
+
+    async def until(cond, seconds=10.0):
+        for _ in range(int(seconds / 0.02)):
+            if cond():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("timed out")
+
+    async def main():
+        sched = Scheduler(root, Log(out), remote=remote)
+        task = asyncio.create_task(sched.run())
+        await asyncio.sleep(0.3)  # past the scan at start
+        quiet = q.inject(b"Subject: unannounced\n\nx\n", "", ["a@far.example"], trigger=False).id
+        named = q.inject(b"Subject: named\n\nx\n", "", ["b@far.example"]).id
+        await until(lambda: named in sent)
+        await asyncio.sleep(0.3)
+        assert quiet not in sent and q.todo_ids() == [quiet]  # todo/ was not listed
+        q.poke()
+        await until(lambda: quiet in sent)
+        sched.on_term()
+        await task
+        return quiet, named
+
+    quiet, named = asyncio.run(main())
+    assert sent == [named, quiet]
+    assert q.mess_ids() == []

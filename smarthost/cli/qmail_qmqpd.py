@@ -64,7 +64,7 @@ def serve(infd: int = 0, outfd: int = 1) -> int:
     except OSError:
         pass  # the client went away; what is queued stays queued
     if sink.injected is not None:
-        queue.poke()
+        queue.poke((sink.injected.id,))
     return 0
 
 
