@@ -234,14 +234,16 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,10,50")
     ap.add_argument("--skip-postfix", action="store_true")
     ap.add_argument("--runs", type=int, default=21, help="qmail-qmqpc start-up runs (default 21)")
+    ap.add_argument("--dir", default=os.path.join(TOP, "var"),
+                    help="where the servers' files go (default var/ in the checkout)")
     a = ap.parse_args()
     if not os.path.exists(SOURCE):
         raise SystemExit(f"{SOURCE} is missing (Debian package postfix)")
     why = None if not a.skip_postfix else "skipped"
     if why is None:
         why = available()
-    os.makedirs(os.path.join(TOP, "var"), exist_ok=True)
-    base = tempfile.mkdtemp(prefix="bench-qmqp-", dir=os.path.join(TOP, "var"))
+    os.makedirs(a.dir, exist_ok=True)
+    base = tempfile.mkdtemp(prefix="bench-qmqp-", dir=a.dir)
     os.chmod(base, 0o755)  # Postfix's own users must reach their directories below it
     try:
         servers = [Ours(base)] + ([Postfix(base)] if why is None else [])
