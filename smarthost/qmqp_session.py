@@ -302,9 +302,11 @@ class Committed(Protocol):
 
 class Draft(Protocol):
     qp: int
+    injected: Committed | None   # set once synced
 
     def write(self, data: bytes) -> None: ...
-    def commit(self, sender: str, recipients: list[str], **kw: object) -> Committed: ...
+    def stage(self, sender: str, recipients: list[str]) -> None: ...
+    def sync(self) -> Committed: ...
     def close(self) -> None: ...
 
 
@@ -357,22 +359,46 @@ class QueueSink:
 
     def finish(self, event: Request | Refused, when: float | None = None) -> str:
         """Commit (for a Request) or discard; the answer text."""
-        self.finished = True
+        text = self.stage(event)
+        if text is not None:
+            return text
+        assert self.draft is not None
         try:
-            if isinstance(event, Refused):
-                return event.answer
-            draft = self._ensure()
-            if draft is None:
-                return report(self.error or 81)
-            try:
-                done = draft.commit(event.sender.decode("utf-8", "surrogateescape"),
-                                    [r.decode("utf-8", "surrogateescape") for r in event.recipients],
-                                    trigger=False)
-            except _QUEUE_TROUBLE as e:
-                self.reason = str(e)
-                return report(_qq_code(e))
-            self.injected = done
-            return ok_text(getattr(done, "qp", draft.qp), when)
+            self.draft.sync()
+        except _QUEUE_TROUBLE as e:
+            return self.settle(e, when)
+        return self.settle(None, when)
+
+    # finish() in two halves, for a server that commits several sessions' drafts
+    # together: stage(), then the draft's sync (or a group's), then settle().
+
+    def stage(self, event: Request | Refused) -> str | None:
+        """Write the envelope of a Request; None when the draft is ready to sync, else
+        the answer (a refusal, or queue trouble) with the draft discarded."""
+        self.finished = True
+        if isinstance(event, Refused):
+            self.discard()
+            return event.answer
+        draft = self._ensure()
+        if draft is None:
+            self.discard()
+            return report(self.error or 81)
+        try:
+            draft.stage(event.sender.decode("utf-8", "surrogateescape"),
+                        [r.decode("utf-8", "surrogateescape") for r in event.recipients])
+        except _QUEUE_TROUBLE as e:
+            return self.settle(e)
+        return None
+
+    def settle(self, trouble: BaseException | None, when: float | None = None) -> str:
+        """The answer once the staged draft's sync is over (`trouble` if it failed)."""
+        draft = self.draft
+        try:
+            if trouble is not None or draft is None:
+                self.reason = str(trouble)
+                return report(_qq_code(trouble) if trouble is not None else 81)
+            self.injected = draft.injected
+            return ok_text(draft.qp, when)
         finally:
             self.discard()
 

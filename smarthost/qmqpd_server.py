@@ -19,9 +19,11 @@ The scheduler is woken (lock/trigger) after the client has its answer, where
 qmail-queue pokes before qmail-qmqpd answers: the wake-up may hand the
 scheduler the CPU, and the client need not wait for that; sessions that commit
 in the same turn of the loop share one poke.
-The message streams into a queue draft; file writes and the commit's fsyncs
-run in worker threads, so the loop never waits for the disk. One log line per
-connection: ok, refused (the Z/D text), deny, or drop (and why).
+The message streams into a queue draft; file writes run in worker threads and
+commits in one disk thread that commits together whatever finished meanwhile
+(smarthost.committer), so the loop never waits for the disk. A session alone in
+its process does it all itself. One log line per connection: ok, refused (the
+Z/D text), deny, or drop (and why).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import threading
 from typing import Callable
 
 from smarthost.cdb import CdbError
+from smarthost.committer import Committer
 from smarthost.logfmt import safe
 from smarthost.qmqp_session import (NEED_DATA, Event, SESSION_MAX, QmqpError, QmqpSession, QueueSink,
                                     Request, Truncated, answer, databytes, received)
@@ -107,6 +110,7 @@ class QmqpListener:
         self._spare: Draft | None = None
         self._spare_lock = threading.Lock()
         self._spare_timer: asyncio.TimerHandle | None = None
+        self._committer: Committer | None = None   # started at the first commit that needs it
 
     @property
     def address(self) -> str:
@@ -161,6 +165,9 @@ class QmqpListener:
                 pass
         if self._sessions:
             await asyncio.wait(list(self._sessions), timeout=30)
+        if self._committer is not None:
+            self._committer.close()  # its sessions are over: nothing left for it
+            self._committer = None
         self.rules.close()
 
     # -- accepting ---------------------------------------------------------------
@@ -319,8 +326,16 @@ class QmqpListener:
                 if batch and event is NEED_DATA:
                     await in_thread(_write_batch, sink, batch)
                     batch = []
-            # The last data, the commit and its fsyncs: one trip to a worker thread.
-            text = str(await in_thread(_finish, sink, batch, event))
+            # The last data, the commit and its fsyncs: done here when alone, else by
+            # the disk thread, together with the other sessions finishing meanwhile.
+            if self.inline_alone and len(self._sessions) <= 1:
+                text = _finish(sink, batch, event)
+            else:
+                if self._committer is None:
+                    self._committer = Committer(loop)
+                fut = self._committer.finish(sink, batch, event)
+                pending[:] = [fut]
+                text = await asyncio.shield(fut)
             if sink.injected is not None:
                 self._poke_soon(sink.injected.id)  # committed: the scheduler must hear of it, answered or not
             async with asyncio.timeout(self.timeout):

@@ -24,6 +24,8 @@ Injection order (each step one create, link or unlink):
   "queued"); poke lock/trigger (see poke: our injectors name what they queued).
 The directory fsyncs are coalesced across concurrent injectors (group commit),
 and skipped where a file's fsync already commits its links (FSYNC_COVERS_LINKS).
+commit_group() takes several staged drafts through each step together, each
+message in the order above.
 A crash before the todo link leaves S2, which nothing else reads.
 """
 
@@ -435,6 +437,7 @@ class Draft:
         self.queue = queue
         self.id, self.path, self._fd = queue._new_mess()
         self.qp = os.getpid()
+        self.injected: Injected | None = None  # once committed
         self._done = False
         self._intd_fd = -1
 
@@ -470,16 +473,39 @@ class Draft:
 
     def commit_raw(self, sender: bytes, rcpts: list[bytes], *, uid: int | None = None,
                    qp: int | None = None, trigger: bool = True) -> Injected:
+        self.stage_raw(sender, rcpts, uid=uid, qp=qp)
+        done = self.sync()
+        if trigger:
+            self.queue.poke((done.id,))
+        return done
+
+    # The commit in three steps, so that commit_group() can take several drafts
+    # through each step together; commit_raw() is the three in a row.
+
+    def stage(self, sender: str, recipients: Iterable[str], **kw) -> None:
+        self.stage_raw(_check_address(sender), [_check_address(r) for r in recipients], **kw)
+
+    def stage_raw(self, sender: bytes, rcpts: list[bytes], *, uid: int | None = None,
+                  qp: int | None = None) -> None:
+        """Write the envelope into intd/N and start its writeback: it travels to the
+        disk while the message's fsync waits, and without todo/N it is invisible all
+        the same. Until the commit, trouble leaves intd/N and its descriptor to
+        close(), which removes the entry."""
         q, n = self.queue, self.id
-        qp = self.qp if qp is None else qp
-        # The envelope is written before the message's fsync, and its writeback
-        # started, so that it travels to the disk while that fsync waits; without
-        # todo/N it is invisible all the same. Until the commit, trouble leaves
-        # intd/N and its descriptor to close(), which removes the entry.
+        self.qp = self.qp if qp is None else qp
         if self._intd_fd < 0:
             self._intd_fd = q._create_intd(n)
-        q._write_intd(self._intd_fd, n, uid, qp, sender, rcpts)
+        q._write_intd(self._intd_fd, n, uid, self.qp, sender, rcpts)
         _start_writeback(self._intd_fd)
+
+    def sync(self) -> Injected:
+        """Commit what stage() prepared; not poked."""
+        self.sync_message()
+        return self.sync_envelope()
+
+    def sync_message(self) -> None:
+        """Make the message and its name durable, then link intd/N -> todo/N (the commit point)."""
+        q, n = self.queue, self.id
         try:
             os.fsync(self._fd)
         except OSError as e:
@@ -490,6 +516,10 @@ class Draft:
             os.link(q.intd(n), q.todo(n))
         except OSError as e:
             raise QueueError(f"unable to link todo/{n}: {e.strerror}", exit_code=QQ.TODO) from None
+
+    def sync_envelope(self) -> Injected:
+        """Make the envelope and the todo/N link durable: only now may anyone be told "queued"."""
+        q, n = self.queue, self.id
         # One fsync makes the envelope and (on a journalling filesystem) the link
         # durable in one commit; elsewhere the directory fsync below does it.
         # Until both return nobody has been told "queued": a crash in between can
@@ -509,9 +539,8 @@ class Draft:
         self.close()
         if not q.file_fsync_covers_links:
             q._dirsync(q.sub("todo"))
-        if trigger:
-            q.poke((n,))
-        return Injected(n, qp)
+        self.injected = Injected(n, self.qp)
+        return self.injected
 
     def close(self) -> None:
         """Release the entry; without a commit, remove it."""
@@ -528,3 +557,26 @@ class Draft:
                     pass
         os.close(self._fd)  # releases the lock that kept cleanup() away
         self._fd = -1
+
+
+def commit_group(drafts: list[Draft]) -> list[Injected | QueueError]:
+    """Commit staged drafts together (group commit): each step for all of them, then
+    the next. Each message keeps the order of writes and fsyncs that a lone commit
+    has; what the group shares is the waiting (every message's data is on its way
+    before the first fsync) and the directory writes (one todo/ write covers the
+    links made before it). Nothing is poked. A draft that fails gets its QueueError
+    in its place, and the others go on."""
+    out: list[Injected | QueueError | None] = [None] * len(drafts)
+    for d in drafts:
+        _start_writeback(d._fd)
+    for step in (Draft.sync_message, Draft.sync_envelope):
+        for i, d in enumerate(drafts):
+            if out[i] is None:
+                try:
+                    result = step(d)
+                except QueueError as e:
+                    out[i] = e
+                else:
+                    if result is not None:
+                        out[i] = result
+    return out  # type: ignore[return-value]

@@ -361,17 +361,17 @@ def test_listener_queues_with_received_line_and_logs(root):
 @pytest.mark.parametrize("inline_alone", [True, False])
 def test_a_lone_session_writes_the_queue_itself_unless_its_loop_has_other_work(root, monkeypatch, inline_alone):
     """Alone in its process a session needs no worker thread; in the scheduler's process
-    (inline_alone off) the queue's fsyncs always run in one, so the loop never waits."""
+    (inline_alone off) the queue's fsyncs always run in the disk thread, so the loop never waits."""
     import threading
 
     threads = []
-    real = Draft.commit_raw
+    real = Draft.sync_message
 
-    def commit_raw(self, *a, **kw):
+    def sync_message(self, *a, **kw):
         threads.append(threading.current_thread() is threading.main_thread())
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(Draft, "commit_raw", commit_raw)
+    monkeypatch.setattr(Draft, "sync_message", sync_message)
 
     async def one(lst):
         lst.inline_alone = inline_alone
@@ -380,6 +380,38 @@ def test_a_lone_session_writes_the_queue_itself_unless_its_loop_has_other_work(r
     got, _ = listen(root, one)
     assert k(got)
     assert threads == [inline_alone]
+
+
+def test_sessions_finishing_together_are_committed_together(root, monkeypatch):
+    """The disk thread takes every session that finished while it was busy as one group;
+    each client still gets its own answer, once its own message is queued."""
+    from smarthost import committer
+
+    groups: list[int] = []
+    real = committer.commit_group
+
+    def slow_first(drafts):
+        groups.append(len(drafts))
+        if len(groups) == 1:
+            time.sleep(0.5)  # meanwhile the other sessions finish
+        return real(drafts)
+
+    monkeypatch.setattr(committer, "commit_group", slow_first)
+
+    async def many(lst):
+        lst.inline_alone = False
+        first = asyncio.create_task(talk(lst.port, req(b"Subject: 0\n\nx\n")))
+        await asyncio.sleep(0.2)
+        rest = [talk(lst.port, req(b"Subject: %d\n\nx\n" % i)) for i in range(1, 8)]
+        return [await first] + list(await asyncio.gather(*rest))
+
+    answers, lines = listen(root, many)
+    assert all(k(a) for a in answers)
+    assert groups[0] == 1 and max(groups) > 1 and sum(groups) == 8
+    q = Queue(root.queue_dir)
+    subjects = sorted(open(q.mess(n), "rb").read().split(b"Subject: ")[1][:1] for n in q.todo_ids())
+    assert subjects == [b"%d" % i for i in range(8)]
+    assert len([x for x in lines if x.startswith("qmqpd: ok ")]) == 8
 
 
 def trigger_reader(root) -> int:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from miniqmail import envelope
 from miniqmail.exitcodes import QQ
 from smarthost.errors import PermanentError
-from smarthost.queue import Queue, QueueError, trigger_ids
+from smarthost.queue import Queue, QueueError, commit_group, trigger_ids
 from tests.conftest import queue_with_program
 
 
@@ -291,3 +291,31 @@ def test_filesystem_type_reads_the_mount_table(tmp_path):
     assert kind  # some type, whatever /tmp is here
     q = Queue(str(tmp_path / "queue"))
     assert q.file_fsync_covers_links == (kind in FSYNC_COVERS_LINKS)
+
+
+def test_commit_group_commits_each_and_keeps_a_failure_to_itself(q):
+    drafts = [q.draft() for _ in range(4)]
+    for i, d in enumerate(drafts):
+        d.write(b"Subject: %d\n\nx\n" % i)
+        d.stage("a@b.example", [f"r{i}@c.example"])
+    bad = drafts[2]
+    with open(q.todo(bad.id), "wb"):  # something in the way of its commit point
+        pass
+    fd = os.open(q.trigger, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        got = commit_group(drafts)
+        assert os.read(fd, 10) == b""  # nothing: the caller pokes, once it has answered
+    finally:
+        os.close(fd)
+    assert isinstance(got[2], QueueError) and got[2].exit_code == QQ.TODO
+    for d in drafts:
+        d.close()
+    for i, (d, r) in enumerate(zip(drafts, got)):
+        if d is bad:
+            assert not os.path.exists(d.path) and not os.path.exists(q.intd(d.id))
+            continue
+        assert (r.id, r.qp) == (d.id, d.qp) and d.injected == r
+        assert open(q.todo(r.id), "rb").read() == b"u%d\0p%d\0Fa@b.example\0Tr%d@c.example\0" % (
+            os.getuid(), r.qp, i)
+        assert open(q.mess(r.id), "rb").read() == b"Subject: %d\n\nx\n" % i
+    assert q.mess_ids() == sorted(d.id for d in drafts if d is not bad)

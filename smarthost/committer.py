@@ -1,0 +1,100 @@
+"""Group commit for a QMQP process: one disk thread commits every message that
+finishes while it is busy, together.
+
+A thread per commit makes each session's fsyncs wait alone, and the threads
+then contend with the loop (and each other) for the interpreter at every
+system call. One thread that takes whatever has piled up in the meantime
+writes the envelopes of all of them, starts every message's writeback, then
+fsyncs (queue.commit_group): the messages share its wake-ups, and the write of
+todo/ that makes one link durable makes the others made before it durable too.
+Each message keeps the order of writes and fsyncs that a lone commit has, and
+each client is answered only once its own message is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue as _queue
+import threading
+
+from smarthost.qmqp_session import Event, QueueSink, Request, Refused
+from smarthost.queue import QueueError, commit_group
+
+_Job = tuple[QueueSink, list[bytes], Event, asyncio.Future]
+
+
+def _finish_all(jobs: list[_Job]) -> list[str]:
+    """Write each session's last data and stage its envelope, commit the staged
+    drafts as a group, and return every session's answer text."""
+    texts: list[str | None] = []
+    staged: list[int] = []
+    for i, (sink, chunks, event, _) in enumerate(jobs):
+        for piece in chunks:
+            sink.write(piece)
+        assert isinstance(event, (Request, Refused))
+        text = sink.stage(event)
+        texts.append(text)
+        if text is None:
+            staged.append(i)
+    drafts = [jobs[i][0].draft for i in staged]
+    for i, result in zip(staged, commit_group(drafts)):  # type: ignore[arg-type]
+        texts[i] = jobs[i][0].settle(result if isinstance(result, QueueError) else None)
+    return texts  # type: ignore[return-value]
+
+
+def _deliver(futures: list[asyncio.Future], texts: list[str] | None, error: BaseException | None) -> None:
+    for i, fut in enumerate(futures):
+        if fut.done():
+            continue
+        if texts is not None:
+            fut.set_result(texts[i])
+        else:
+            fut.set_exception(error or RuntimeError("commit failed"))
+
+
+class Committer:
+    """The disk thread of one event loop; started at the first commit, stopped by close()."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._jobs: _queue.SimpleQueue[_Job | None] = _queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="qmqp-commit", daemon=True)
+        self._thread.start()
+
+    def finish(self, sink: QueueSink, chunks: list[bytes], event: Event) -> asyncio.Future:
+        """A future for the session's answer text, once its message is durable (or refused)."""
+        fut = self._loop.create_future()
+        self._jobs.put((sink, chunks, event, fut))
+        return fut
+
+    def close(self) -> None:
+        """Let the thread finish what it has, then end."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            jobs: list[_Job] = []
+            stop = False
+            while True:
+                if job is None:
+                    stop = True
+                else:
+                    jobs.append(job)
+                try:
+                    job = self._jobs.get_nowait()
+                except _queue.Empty:
+                    break
+            if jobs:
+                futures = [j[3] for j in jobs]
+                try:
+                    texts: list[str] | None = _finish_all(jobs)
+                    error = None
+                except BaseException as e:  # never lose the thread: every session gets an answer
+                    texts, error = None, e
+                try:
+                    self._loop.call_soon_threadsafe(_deliver, futures, texts, error)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody is waiting any more
+            if stop:
+                return
