@@ -1,14 +1,16 @@
-"""Group commit for a QMQP process: one disk thread commits every message that
-finishes while it is busy, together.
+"""Group commit for a QMQP process: a few disk threads, each committing together
+every message that finished while it was busy.
 
 A thread per commit makes each session's fsyncs wait alone, and the threads
 then contend with the loop (and each other) for the interpreter at every
-system call. One thread that takes whatever has piled up in the meantime
-writes the envelopes of all of them, starts every message's writeback, then
-fsyncs (queue.commit_group): the messages share its wake-ups, and the write of
-todo/ that makes one link durable makes the others made before it durable too.
-Each message keeps the order of writes and fsyncs that a lone commit has, and
-each client is answered only once its own message is durable.
+system call. A thread that takes whatever has piled up in the meantime writes
+the envelopes of all of them, starts every message's writeback, then fsyncs
+(queue.commit_group): the messages share its wake-ups, and the write of todo/
+(or the journal commit) that makes one link durable makes the others made
+before it durable too. Two threads rather than one, so that a group gathers
+and starts while the last one waits for the disk. Each message keeps the order
+of writes and fsyncs that a lone commit has, and each client is answered only
+once its own message is durable.
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ def _deliver(futures: list[asyncio.Future], texts: list[str] | None, error: Base
 
 
 class Committer:
-    """The disk thread of one event loop; started at the first commit, stopped by close()."""
+    """The disk threads of one event loop; started at the first commit, stopped by close()."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = 1):
         self._loop = loop
         self._jobs: _queue.SimpleQueue[_Job | None] = _queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="qmqp-commit", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name="qmqp-commit", daemon=True)
+                         for _ in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def finish(self, sink: QueueSink, chunks: list[bytes], event: Event) -> asyncio.Future:
         """A future for the session's answer text, once its message is durable (or refused)."""
@@ -68,8 +72,9 @@ class Committer:
         return fut
 
     def close(self) -> None:
-        """Let the thread finish what it has, then end."""
-        self._jobs.put(None)
+        """Let the threads finish what they have, then end."""
+        for _ in self._threads:
+            self._jobs.put(None)
 
     def _run(self) -> None:
         while True:
