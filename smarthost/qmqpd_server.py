@@ -303,6 +303,7 @@ class QmqpListener:
         session = QmqpSession(chunks.append, databytes(decision.env.get("DATABYTES")))
         deadline = loop.time() + self.session_timeout
         pending: list[asyncio.Future] = []
+        announced = False
 
         async def in_thread(fn: Callable, *args: object) -> object:
             if self.inline_alone and len(self._sessions) <= 1:
@@ -341,6 +342,7 @@ class QmqpListener:
                 text = await asyncio.shield(fut)
             if sink.injected is not None:
                 self._poke_soon(sink.injected.id)  # committed: the scheduler must hear of it, answered or not
+                announced = True
             async with asyncio.timeout(self.timeout):
                 await loop.sock_sendall(conn, answer(text))
             if isinstance(event, Request) and text.startswith("K"):
@@ -361,5 +363,7 @@ class QmqpListener:
         finally:
             if pending and not pending[0].done():
                 await asyncio.wait(pending)  # never close the draft under a write
+            if sink.injected is not None and not announced:
+                self.queue.poke((sink.injected.id,))  # committed as the session was cancelled
             if sink.draft is not None:
                 await in_thread(sink.discard)

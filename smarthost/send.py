@@ -33,6 +33,9 @@ from smarthost.sendqueue import IncompleteTodo, Message, Rcpt, SendQueue, TodoEr
 
 #: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
 SCAN_INTERVAL = 1500
+#: pokes that name their messages still make todo/ listed this often: any poke
+#: then finds, as in qmail, a message whose own poke never came (its injector died)
+NAMED_SCAN_INTERVAL = 10
 #: leftovers of injections that died are swept this often (qmail-send: 76431 s).
 CLEANUP_INTERVAL = 76431
 #: retry after a system error (qmail: 123 s).
@@ -114,6 +117,7 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.synced = asyncio.Event()
         self.scan_wanted = True
+        self.last_scan = 0.0  # time.time() of the last listing of todo/
         self.stopping = False
         self.tasks: set[asyncio.Task] = set()
         self.cleanup_interval = CLEANUP_INTERVAL
@@ -478,9 +482,9 @@ class Scheduler:
         except BlockingIOError:
             pass
         ids = trigger_ids(data, capacity)
-        if ids is None:
+        if ids is None or time.time() - self.last_scan >= NAMED_SCAN_INTERVAL:
             self.scan_wanted = True
-        elif not self.stopping:
+        if ids is not None and not self.stopping:
             self.note_todo(ids)
         self.poke()
 
@@ -499,7 +503,6 @@ class Scheduler:
             loop.add_signal_handler(sig, fn)
         self.load_existing()
         self.status()
-        last_scan = 0.0
         last_cleanup = time.time()  # load_existing() just swept
         try:
             while True:
@@ -511,9 +514,9 @@ class Scheduler:
                     if not any(self.running.values()):
                         break
                 else:
-                    if self.scan_due() or now - last_scan >= SCAN_INTERVAL:
+                    if self.scan_due() or now - self.last_scan >= SCAN_INTERVAL:
                         self.scan_wanted = False
-                        last_scan = now
+                        self.last_scan = now
                         self.scan_todo()
                     self.fill()
                     now = time.time()

@@ -215,3 +215,36 @@ def test_a_poke_that_names_its_messages_spares_listing_todo(root):
     quiet, named = asyncio.run(main())
     assert sent == [named, quiet]
     assert q.mess_ids() == []
+
+
+def test_a_message_whose_poke_never_came_is_found_by_a_later_poke(root, monkeypatch):
+    """As in qmail, any poke finds what an injector that died before its own poke
+    left in todo/: named pokes still have todo/ listed every NAMED_SCAN_INTERVAL."""
+    from smarthost import send
+
+    monkeypatch.setattr(send, "NAMED_SCAN_INTERVAL", 0.5)
+    out = io.StringIO()
+    q = Queue(root.queue_dir)
+    sent: list[int] = []
+
+    async def remote(msg, recipients, messpath):
+        sent.append(msg.id)
+        return [("K", "127.0.0.2 accepted message.")] * len(recipients)
+
+    async def main():
+        sched = Scheduler(root, Log(out), remote=remote)
+        task = asyncio.create_task(sched.run())
+        await asyncio.sleep(0.3)
+        orphan = q.inject(b"Subject: orphan\n\nx\n", "", ["a@far.example"], trigger=False).id
+        await asyncio.sleep(0.5)
+        named = q.inject(b"Subject: named\n\nx\n", "", ["b@far.example"]).id
+        for _ in range(500):
+            if orphan in sent and named in sent:
+                break
+            await asyncio.sleep(0.02)
+        sched.on_term()
+        await task
+        return orphan, named
+
+    orphan, named = asyncio.run(main())
+    assert sorted(sent) == sorted([orphan, named])
