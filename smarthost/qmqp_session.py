@@ -394,9 +394,10 @@ class QueueSink:
         """The answer once the staged draft's sync is over (`trouble` if it failed)."""
         draft = self.draft
         try:
-            if trouble is not None or draft is None:
+            if trouble is not None:
                 self.reason = str(trouble)
-                return report(_qq_code(trouble) if trouble is not None else 81)
+                return report(_qq_code(trouble))
+            assert draft is not None and draft.injected is not None
             self.injected = draft.injected
             return ok_text(draft.qp, when)
         finally:

@@ -442,6 +442,35 @@ def test_listener_wakes_the_scheduler_for_what_it_queued_and_nothing_else(root):
         os.close(fd)
 
 
+def test_a_session_cancelled_during_its_commit_still_wakes_the_scheduler(root, monkeypatch):
+    from smarthost import committer
+
+    real = committer.commit_group
+
+    def slow(drafts):
+        time.sleep(0.5)
+        return real(drafts)
+
+    monkeypatch.setattr(committer, "commit_group", slow)
+    fd = trigger_reader(root)
+
+    async def cancel_mid_commit(lst):
+        lst.inline_alone = False
+        client = asyncio.create_task(talk(lst.port, req(b"Subject: c\n\nx\n")))
+        await asyncio.sleep(0.25)  # the commit is under way
+        for task in list(lst._sessions):
+            task.cancel()
+        await asyncio.sleep(0.6)
+        return await client
+
+    try:
+        listen(root, cancel_mid_commit)
+        [n] = Queue(root.queue_dir).todo_ids()
+        assert pokes(fd) == b"%d\n" % n  # queued, so announced, answered or not
+    finally:
+        os.close(fd)
+
+
 def test_stdio_qmqpd_wakes_the_scheduler_after_a_commit_only(root):
     fd = trigger_reader(root)
     try:
