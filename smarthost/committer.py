@@ -22,6 +22,10 @@ import threading
 from smarthost.qmqp_session import Event, QueueSink, Request, Refused
 from smarthost.queue import QueueError, commit_group
 
+#: disk threads per event loop: while one waits for its group's fsyncs, the next
+#: group gathers and starts (one alone halves the rate where an fsync is slow)
+THREADS = 2
+
 _Job = tuple[QueueSink, list[bytes], Event, asyncio.Future]
 
 
@@ -57,7 +61,7 @@ def _deliver(futures: list[asyncio.Future], texts: list[str] | None, error: Base
 class Committer:
     """The disk threads of one event loop; started at the first commit, stopped by close()."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = 1):
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = THREADS):
         self._loop = loop
         self._jobs: _queue.SimpleQueue[_Job | None] = _queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._run, name="qmqp-commit", daemon=True)

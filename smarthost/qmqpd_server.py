@@ -45,9 +45,6 @@ from smarthost.root import Root
 from smarthost.tcprules import Decision, RulesWatcher, match, normalize_ip
 
 CONCURRENCY_DEFAULT = 40
-#: disk threads per QMQP process: while one waits for its group's fsyncs, the next
-#: group gathers and starts (one alone halves the rate where an fsync is slow)
-COMMIT_THREADS = 2
 #: seconds an unused spare draft is kept (see QmqpListener._take_draft)
 SPARE_IDLE = 1.0
 TIMEOUT_DEFAULT = 1200
@@ -336,7 +333,7 @@ class QmqpListener:
                 text = _finish(sink, batch, event)
             else:
                 if self._committer is None:
-                    self._committer = Committer(loop, COMMIT_THREADS)
+                    self._committer = Committer(loop)
                 fut = self._committer.finish(sink, batch, event)
                 pending[:] = [fut]
                 text = await asyncio.shield(fut)

@@ -569,14 +569,15 @@ def commit_group(drafts: list[Draft]) -> list[Injected | QueueError]:
     out: list[Injected | QueueError | None] = [None] * len(drafts)
     for d in drafts:
         _start_writeback(d._fd)
-    for step in (Draft.sync_message, Draft.sync_envelope):
-        for i, d in enumerate(drafts):
-            if out[i] is None:
-                try:
-                    result = step(d)
-                except QueueError as e:
-                    out[i] = e
-                else:
-                    if result is not None:
-                        out[i] = result
+    for i, d in enumerate(drafts):
+        try:
+            d.sync_message()
+        except QueueError as e:
+            out[i] = e
+    for i, d in enumerate(drafts):
+        if out[i] is None:
+            try:
+                out[i] = d.sync_envelope()
+            except QueueError as e:
+                out[i] = e
     return out  # type: ignore[return-value]

@@ -392,20 +392,19 @@ def test_sessions_finishing_together_are_committed_together(root, monkeypatch):
 
     def slow_first(drafts):
         groups.append(len(drafts))
-        if len(groups) <= committer_threads:
+        if len(groups) <= committer.THREADS:
             time.sleep(0.5)  # every thread busy: meanwhile the other sessions finish
         return real(drafts)
 
-    from smarthost.qmqpd_server import COMMIT_THREADS as committer_threads
 
     monkeypatch.setattr(committer, "commit_group", slow_first)
 
     async def many(lst):
         lst.inline_alone = False
         first = [asyncio.create_task(talk(lst.port, req(b"Subject: %d\n\nx\n" % i)))
-                 for i in range(committer_threads)]
+                 for i in range(committer.THREADS)]
         await asyncio.sleep(0.2)
-        rest = [talk(lst.port, req(b"Subject: %d\n\nx\n" % i)) for i in range(committer_threads, 8)]
+        rest = [talk(lst.port, req(b"Subject: %d\n\nx\n" % i)) for i in range(committer.THREADS, 8)]
         return list(await asyncio.gather(*first, *rest))
 
     answers, lines = listen(root, many)
