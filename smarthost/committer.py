@@ -29,33 +29,41 @@ THREADS = 2
 _Job = tuple[QueueSink, list[bytes], Event, asyncio.Future]
 
 
-def _finish_all(jobs: list[_Job]) -> list[str]:
+def _finish_all(jobs: list[_Job]) -> list[str | BaseException]:
     """Write each session's last data and stage its envelope, commit the staged
-    drafts as a group, and return every session's answer text."""
-    texts: list[str | None] = []
+    drafts as a group, and return every session's answer text (or what it raised:
+    a bug in one session's handling is that session's alone)."""
+    out: list[str | BaseException | None] = []
     staged: list[int] = []
     for i, (sink, chunks, event, _) in enumerate(jobs):
-        for piece in chunks:
-            sink.write(piece)
-        assert isinstance(event, (Request, Refused))
-        text = sink.stage(event)
-        texts.append(text)
+        try:
+            for piece in chunks:
+                sink.write(piece)
+            assert isinstance(event, (Request, Refused))
+            text = sink.stage(event)
+        except Exception as e:
+            sink.discard()
+            out.append(e)
+            continue
+        out.append(text)
         if text is None:
             staged.append(i)
     drafts = [jobs[i][0].draft for i in staged]
     for i, result in zip(staged, commit_group(drafts)):  # type: ignore[arg-type]
-        texts[i] = jobs[i][0].settle(result if isinstance(result, QueueError) else None)
-    return texts  # type: ignore[return-value]
+        out[i] = jobs[i][0].settle(result if isinstance(result, QueueError) else None)
+    return out  # type: ignore[return-value]
 
 
-def _deliver(futures: list[asyncio.Future], texts: list[str] | None, error: BaseException | None) -> None:
+def _deliver(futures: list[asyncio.Future], results: list[str | BaseException] | None,
+             error: BaseException | None) -> None:
     for i, fut in enumerate(futures):
         if fut.done():
             continue
-        if texts is not None:
-            fut.set_result(texts[i])
+        result = results[i] if results is not None else error or RuntimeError("commit failed")
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
         else:
-            fut.set_exception(error or RuntimeError("commit failed"))
+            fut.set_result(result)
 
 
 class Committer:
@@ -97,12 +105,12 @@ class Committer:
             if jobs:
                 futures = [j[3] for j in jobs]
                 try:
-                    texts: list[str] | None = _finish_all(jobs)
+                    results: list[str | BaseException] | None = _finish_all(jobs)
                     error = None
-                except BaseException as e:  # never lose the thread: every session gets an answer
-                    texts, error = None, e
+                except BaseException as e:  # never lose the thread: every session hears
+                    results, error = None, e
                 try:
-                    self._loop.call_soon_threadsafe(_deliver, futures, texts, error)
+                    self._loop.call_soon_threadsafe(_deliver, futures, results, error)
                 except RuntimeError:
                     pass  # the loop is closed: nobody is waiting any more
             if stop:

@@ -416,6 +416,42 @@ def test_sessions_finishing_together_are_committed_together(root, monkeypatch):
     assert len([x for x in lines if x.startswith("qmqpd: ok ")]) == 8
 
 
+def test_a_session_that_breaks_in_a_group_breaks_alone(root, monkeypatch):
+    from smarthost import committer, qmqp_session
+
+    real_stage, real_group = qmqp_session.QueueSink.stage, committer.commit_group
+    groups: list[int] = []
+
+    def stage(self, event):
+        if isinstance(event, qmqp_session.Request) and event.sender == b"boom@far.example":
+            raise RuntimeError("a bug in one session")
+        return real_stage(self, event)
+
+    def slow_first(drafts):
+        groups.append(len(drafts))
+        if len(groups) <= committer.THREADS:
+            time.sleep(0.5)
+        return real_group(drafts)
+
+    monkeypatch.setattr(qmqp_session.QueueSink, "stage", stage)
+    monkeypatch.setattr(committer, "commit_group", slow_first)
+
+    async def mixed(lst):
+        lst.inline_alone = False
+        first = [asyncio.create_task(talk(lst.port, req(b"Subject: a\n\nx\n"))) for _ in range(committer.THREADS)]
+        await asyncio.sleep(0.2)
+        rest = [talk(lst.port, req(b"Subject: b\n\nx\n", sender)) for sender in
+                (b"a@far.example", b"boom@far.example", b"a@far.example")]
+        return list(await asyncio.gather(*first, *rest))
+
+    answers, lines = listen(root, mixed)
+    assert max(groups) > 1
+    assert [k(a) for a in answers] == [True] * committer.THREADS + [True, False, True]
+    assert answers[committer.THREADS + 1] == b""  # no answer: the client tries again
+    assert len(Queue(root.queue_dir).todo_ids()) == committer.THREADS + 2
+    assert any("internal error: RuntimeError: a bug in one session" in x for x in lines)
+
+
 def trigger_reader(root) -> int:
     """lock/trigger opened as the scheduler opens it, so pokes can be counted."""
     return os.open(Queue(root.queue_dir).trigger, os.O_RDONLY | os.O_NONBLOCK)
