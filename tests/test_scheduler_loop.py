@@ -179,28 +179,46 @@ def test_removing_a_finished_message_never_holds_up_the_loop(root):
     assert q.mess_ids() == []
 
 
-def test_a_poke_that_names_its_messages_spares_listing_todo(root):
-    """Our injectors write the ids they queued into lock/trigger; the scheduler takes
-    those without listing todo/. qmail's bare byte still makes it list todo/."""
-    out = io.StringIO()
-    q = Queue(root.queue_dir)
-    sent: list[int] = []
-
+def recording_remote(sent: list[int]):
+    """A relay that accepts everything and notes which messages it was given."""
     async def remote(msg, recipients, messpath):
         sent.append(msg.id)
         return [("K", "127.0.0.2 accepted message.")] * len(recipients)
+    return remote
 
-    async def until(cond, seconds=10.0):
-        for _ in range(int(seconds / 0.02)):
-            if cond():
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("timed out")
+
+async def until(cond, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def with_scheduler(root, scenario):
+    """Run `scenario(queue, sent)` beside a running scheduler whose relay accepts all
+    and notes the ids it is given; return what the scenario returns, and those ids."""
+    q = Queue(root.queue_dir)
+    sent: list[int] = []
 
     async def main():
-        sched = Scheduler(root, Log(out), remote=remote)
+        sched = Scheduler(root, Log(io.StringIO()), remote=recording_remote(sent))
         task = asyncio.create_task(sched.run())
-        await asyncio.sleep(0.3)  # past the scan at start
+        await asyncio.sleep(0.3)  # past the listing at start
+        try:
+            return await scenario(q, sent)
+        finally:
+            sched.on_term()
+            await task
+
+    return asyncio.run(main()), sent
+
+
+def test_a_poke_that_names_its_messages_spares_listing_todo(root):
+    """Our injectors write the ids they queued into lock/trigger; the scheduler takes
+    those without listing todo/. qmail's bare byte still makes it list todo/."""
+
+    async def scenario(q, sent):
         quiet = q.inject(b"Subject: unannounced\n\nx\n", "", ["a@far.example"], trigger=False).id
         named = q.inject(b"Subject: named\n\nx\n", "", ["b@far.example"]).id
         await until(lambda: named in sent)
@@ -208,13 +226,11 @@ def test_a_poke_that_names_its_messages_spares_listing_todo(root):
         assert quiet not in sent and q.todo_ids() == [quiet]  # todo/ was not listed
         q.poke()
         await until(lambda: quiet in sent)
-        sched.on_term()
-        await task
         return quiet, named
 
-    quiet, named = asyncio.run(main())
+    (quiet, named), sent = with_scheduler(root, scenario)
     assert sent == [named, quiet]
-    assert q.mess_ids() == []
+    assert Queue(root.queue_dir).mess_ids() == []
 
 
 def test_a_message_whose_poke_never_came_is_found_by_a_later_poke(root, monkeypatch):
@@ -223,28 +239,13 @@ def test_a_message_whose_poke_never_came_is_found_by_a_later_poke(root, monkeypa
     from smarthost import send
 
     monkeypatch.setattr(send, "NAMED_SCAN_INTERVAL", 0.5)
-    out = io.StringIO()
-    q = Queue(root.queue_dir)
-    sent: list[int] = []
 
-    async def remote(msg, recipients, messpath):
-        sent.append(msg.id)
-        return [("K", "127.0.0.2 accepted message.")] * len(recipients)
-
-    async def main():
-        sched = Scheduler(root, Log(out), remote=remote)
-        task = asyncio.create_task(sched.run())
-        await asyncio.sleep(0.3)
+    async def scenario(q, sent):
         orphan = q.inject(b"Subject: orphan\n\nx\n", "", ["a@far.example"], trigger=False).id
         await asyncio.sleep(0.5)
         named = q.inject(b"Subject: named\n\nx\n", "", ["b@far.example"]).id
-        for _ in range(500):
-            if orphan in sent and named in sent:
-                break
-            await asyncio.sleep(0.02)
-        sched.on_term()
-        await task
+        await until(lambda: orphan in sent and named in sent)
         return orphan, named
 
-    orphan, named = asyncio.run(main())
+    (orphan, named), sent = with_scheduler(root, scenario)
     assert sorted(sent) == sorted([orphan, named])
