@@ -46,6 +46,13 @@ _NO_UNNAMED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL, errn
 UNNAMED = hasattr(os, "O_TMPFILE")
 _SELF_FD = "/proc/self/fd"
 _self_fd: bool | None = None  # can an unnamed file be linked by its /proc/self/fd name?
+# linkat(2) through /proc/self/fd refused, though a named file would do: this
+# /proc cannot link (a restricted or odd one); the process stops trying.
+_NO_PROC_LINK = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR}
+
+
+class _ProcCannotLink(Exception):
+    """linkat(2) through /proc/self/fd was refused (see _NO_PROC_LINK)."""
 
 
 class MaildirError(MailboxError):
@@ -201,7 +208,7 @@ def _create_unnamed(maildir: str) -> int | None:
         return None
     tmp = os.path.join(maildir, "tmp")
     try:
-        return os.open(tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        return os.open(tmp, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as e:
         if e.errno in _NO_UNNAMED:
             return None
@@ -230,6 +237,8 @@ def _deliver_unnamed(maildir: str, fd: int, source: BinaryIO, prefix: bytes) -> 
                 if attempt == CREATE_TRIES - 1:
                     raise MaildirError(f"unable to find a unique name in {newdir}", newdir, e) from None
             except OSError as e:
+                if e.errno in _NO_PROC_LINK and os.path.isdir(newdir):
+                    raise _ProcCannotLink() from None
                 raise MaildirError(f"unable to link into {newdir}: {why(e)}", newdir, e) from None
         _sync_dir(newdir, os.path.join(newdir, name), dfd)
     finally:
@@ -243,16 +252,30 @@ def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
     The message is streamed in CHUNK-sized pieces, never held whole. Raises
     MaildirError (an OSError) on any failure, with no file left in tmp/ or new/.
     """
+    global _self_fd
     _check_dir(maildir)
     fd = _create_unnamed(maildir)
     if fd is not None:
         try:
-            return _deliver_unnamed(maildir, fd, source, prefix)
+            try:
+                return _deliver_unnamed(maildir, fd, source, prefix)
+            except _ProcCannotLink:
+                # Written and synced, but it cannot be given a name: copy it into
+                # qmail's named tmp/ file, as every later delivery of this process will.
+                _self_fd = False
+                os.lseek(fd, 0, os.SEEK_SET)
+                with open(fd, "rb", closefd=False) as written:
+                    return _deliver_named(maildir, written, b"")
         finally:
             try:
                 os.close(fd)
             except OSError:
                 pass  # after its fsync (O_TMPFILE means a local filesystem), nothing to lose
+    return _deliver_named(maildir, source, prefix)
+
+
+def _deliver_named(maildir: str, source: BinaryIO, prefix: bytes) -> str:
+    """qmail's way: tmp/NAME created exclusively, written, synced, linked into new/."""
     name, tmp, fd = _create_tmp(maildir)
     new = os.path.join(maildir, "new", name)
     try:

@@ -243,6 +243,29 @@ def test_maildir_file_unnamed_until_linked_into_new(tmp_path):
     assert open(os.path.join(path, "new", name), "rb").read() == MESSAGE * 3000
 
 
+@pytest.mark.skipif(not maildir.UNNAMED, reason="this system makes no unnamed files (O_TMPFILE)")
+def test_maildir_where_proc_cannot_link_falls_back_to_named_files(tmp_path, monkeypatch):
+    real_link = os.link
+
+    def link(src, dst, **kw):
+        if str(src).startswith("/proc/self/fd/"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(maildir, "_self_fd", None)  # restored afterwards
+    path = str(tmp_path / "M")
+    maildir.make(path)
+    first = maildir.deliver(path, io.BytesIO(MESSAGE), b"X: 1\n")
+    assert maildir._self_fd is False  # not tried again in this process
+    src = WatchingSource(MESSAGE * 3000, os.path.join(path, "tmp"))
+    second = maildir.deliver(path, io.BufferedReader(src, 4096))
+    assert all(seen == [second] for seen in src.seen)
+    assert open(os.path.join(path, "new", first), "rb").read() == b"X: 1\n" + MESSAGE
+    assert open(os.path.join(path, "new", second), "rb").read() == MESSAGE * 3000
+    assert os.listdir(os.path.join(path, "tmp")) == []
+
+
 def test_maildir_named_tmp_file_while_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(maildir, "UNNAMED", False)
     path = str(tmp_path / "M")
