@@ -267,6 +267,11 @@ def main() -> None:
                 pf_acc = statistics.mean(r[0] for r in results["postfix"])
                 pf_e2e = statistics.mean(r[1] for r in results["postfix"])
                 print(f"{conc:>4}  ratio    {ours_acc / pf_acc:11.2f} {ours_e2e / pf_e2e:13.2f}   (goal >= 1.0)")
+                # Each round's own pair, run back to back: how far the drift moves a ratio.
+                pairs = list(zip(results["ours"], results["postfix"]))
+                acc_r = " ".join(f"{o[0] / p[0]:.2f}" for o, p in pairs)
+                e2e_r = " ".join(f"{o[1] / p[1]:.2f}" for o, p in pairs)
+                print(f"{conc:>4}  by round: accepted {acc_r}; end-to-end {e2e_r}")
         client, bare = handoff_times(base, a.runs)
         print(f"qmail-qmqpc, one 2 KB message: median {client * 1000:.1f} ms; python3 -c pass {bare * 1000:.1f} ms;"
               f" ratio {client / bare:.2f} (goal <= 2.5)")
