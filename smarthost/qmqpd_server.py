@@ -289,6 +289,12 @@ class QmqpListener:
         finally:
             conn.close()
 
+    def _alone(self) -> bool:
+        """Does a session do its own disk work? Alone in its process, the trip to a
+        worker thread and back would cost more than the loop could do for anyone
+        else meanwhile; off where the loop has other work (inline_alone)."""
+        return self.inline_alone and len(self._sessions) <= 1
+
     async def _session(self, conn: socket.socket, ip: str, decision: Decision) -> None:
         loop = asyncio.get_running_loop()
         local = self.me or normalize_ip(conn.getsockname()[0])
@@ -303,9 +309,7 @@ class QmqpListener:
         announced = False
 
         async def in_thread(fn: Callable, *args: object) -> object:
-            if self.inline_alone and len(self._sessions) <= 1:
-                # Alone: the trip to a worker thread and back would cost more
-                # than the loop could do for anyone else meanwhile.
+            if self._alone():
                 return fn(*args)
             # Shielded: a cancelled session still lets its disk work finish (see finally).
             fut = loop.run_in_executor(None, fn, *args)
@@ -329,7 +333,7 @@ class QmqpListener:
                     batch = []
             # The last data, the commit and its fsyncs: done here when alone, else by
             # the disk thread, together with the other sessions finishing meanwhile.
-            if self.inline_alone and len(self._sessions) <= 1:
+            if self._alone():
                 text = _finish(sink, batch, event)
             else:
                 if self._committer is None:
