@@ -491,11 +491,9 @@ class Draft:
         disk while the message's fsync waits, and without todo/N it is invisible all
         the same. Until the commit, trouble leaves intd/N and its descriptor to
         close(), which removes the entry."""
-        q, n = self.queue, self.id
         self.qp = self.qp if qp is None else qp
-        if self._intd_fd < 0:
-            self._intd_fd = q._create_intd(n)
-        q._write_intd(self._intd_fd, n, uid, self.qp, sender, rcpts)
+        self.prepare()
+        self.queue._write_intd(self._intd_fd, self.id, uid, self.qp, sender, rcpts)
         _start_writeback(self._intd_fd)
 
     def sync(self) -> Injected:
