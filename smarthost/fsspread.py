@@ -17,6 +17,7 @@ hint: elsewhere (tmpfs, XFS, no permission) it is quietly not set.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 from typing import Callable, TypeVar
@@ -61,14 +62,12 @@ def _on_dir(path: str, fn: Callable[[int], T]) -> T | None:
 
 
 def _get(fd: int) -> int:
-    import fcntl
     buf = bytearray(_LONG)
     fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
     return struct.unpack_from("i", buf)[0]
 
 
 def _set(fd: int, value: int) -> None:
-    import fcntl
     buf = bytearray(_LONG)
     struct.pack_into("i", buf, 0, value)
     fcntl.ioctl(fd, FS_IOC_SETFLAGS, buf)
