@@ -42,7 +42,6 @@ def header(environ: Mapping[str, str], pid: int) -> bytes:
 def serve(infd: int = 0, outfd: int = 1) -> int:
     root = Root.from_env()
     queue = Queue(root.queue_dir)
-    # Answer first, then wake the scheduler: the client need not wait for that.
     sink = QueueSink(queue.draft, header(os.environ, os.getpid()))
     session = QmqpSession(sink.write, databytes(os.environ.get("DATABYTES")))
     try:
@@ -63,7 +62,7 @@ def serve(infd: int = 0, outfd: int = 1) -> int:
         write_all(outfd, answer(text))
     except OSError:
         pass  # the client went away; what is queued stays queued
-    if sink.injected is not None:
+    if sink.injected is not None:  # answered first: the client need not wait for the wake-up
         queue.poke((sink.injected.id,))
     return 0
 
