@@ -37,8 +37,7 @@ def _finish_all(jobs: list[_Job]) -> list[str | BaseException]:
     staged: list[int] = []
     for i, (sink, chunks, event, _) in enumerate(jobs):
         try:
-            for piece in chunks:
-                sink.write(piece)
+            sink.write_all(chunks)
             assert isinstance(event, (Request, Refused))
             text = sink.stage(event)
         except Exception as e:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from miniqmail import netstring
 from miniqmail.datefmt import date822
@@ -356,6 +356,11 @@ class QueueSink:
             draft.write(data)
         except _QUEUE_TROUBLE as e:
             self.error, self.reason = _qq_code(e), str(e)
+
+    def write_all(self, pieces: Iterable[bytes]) -> None:
+        """write() each piece in turn (a batch the session handed over at once)."""
+        for piece in pieces:
+            self.write(piece)
 
     def finish(self, event: Request | Refused, when: float | None = None) -> str:
         """Commit (for a Request) or discard; the answer text."""

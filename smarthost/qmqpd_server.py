@@ -39,7 +39,7 @@ from smarthost.cdb import CdbError
 from smarthost.committer import Committer
 from smarthost.logfmt import safe
 from smarthost.qmqp_session import (NEED_DATA, Event, SESSION_MAX, QmqpError, QmqpSession, QueueSink,
-                                    Request, Truncated, answer, databytes, received)
+                                    Refused, Request, Truncated, answer, databytes, received)
 from smarthost.queue import Draft, Queue, received_line
 from smarthost.root import Root
 from smarthost.tcprules import Decision, RulesWatcher, match, normalize_ip
@@ -70,16 +70,6 @@ _CLEAN_TABLE = bytes(b if 32 <= b < 127 else 95 for b in range(256))  # 95: '_'
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _write_batch(sink: QueueSink, batch: list[bytes]) -> None:
-    for piece in batch:
-        sink.write(piece)
-
-
-def _finish(sink: QueueSink, batch: list[bytes], event: object) -> str:
-    _write_batch(sink, batch)
-    return sink.finish(event)  # type: ignore[arg-type]
 
 
 class QmqpListener:
@@ -329,12 +319,14 @@ class QmqpListener:
                 batch = chunks[:]
                 chunks.clear()
                 if batch and event is NEED_DATA:
-                    await in_thread(_write_batch, sink, batch)
+                    await in_thread(sink.write_all, batch)
                     batch = []
             # The last data, the commit and its fsyncs: done here when alone, else by
             # the disk thread, together with the other sessions finishing meanwhile.
             if self._alone():
-                text = _finish(sink, batch, event)
+                assert isinstance(event, (Request, Refused))
+                sink.write_all(batch)
+                text = sink.finish(event)
             else:
                 if self._committer is None:
                     self._committer = Committer(loop)
