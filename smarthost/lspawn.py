@@ -382,6 +382,10 @@ class Pool:
 
 
 def main() -> None:
+    # Only fds 0, 1 and 2 are ours: whatever else the scheduler's event loop let
+    # through (uvloop's spawn leaves its copies of the pipes open) would reach
+    # every delivery and every program a .qmail runs.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     root = Root(sys.argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

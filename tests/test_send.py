@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -68,6 +69,17 @@ def test_program_injection_reaches_maildir_mbox_and_program(root, daemon):
     assert re.search(r"^info msg \d+: bytes \d+ from <sender@far\.example> qp \d+ uid \d+$", log, re.M)
     assert re.search(rf"^starting delivery 1: msg \d+ to local example-all@{ME}$", log, re.M)
     assert re.search(r"^delivery 1: success: did_2\+0\+1/$", log, re.M)
+
+
+def test_a_program_holds_only_its_message_and_output(root, daemon):
+    """Nothing of the daemon's (its event loop's pipes, sockets, the log) reaches a delivery."""
+    h = home(root)
+    lister = "import os; print(*[f for f in range(1024) if os.path.exists(f'/proc/self/fd/{f}')])"
+    dotqmail(root, "fds", f'|exec {sys.executable} -c "{lister}" >fds.out\n')
+    d = daemon()
+    Queue(root.queue_dir).inject(msg("fds"), "sender@far.example", [f"example-fds@{ME}"])
+    d.wait_log(lambda s: "delivery 1: success" in s)
+    assert open(os.path.join(h, "fds.out")).read().split() == ["0", "1", "2"]
 
 
 def test_api_injection_and_forward(root, daemon):
