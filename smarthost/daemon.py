@@ -20,6 +20,7 @@ import os
 import signal
 from typing import Iterable
 
+from smarthost import evloop
 from smarthost.qmqpd_server import QmqpListener
 from smarthost.root import Root
 from smarthost.logfmt import Log
@@ -165,7 +166,7 @@ def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int
         if pid == 0:
             code = 0
             try:
-                asyncio.run(worker(listeners))
+                evloop.run(worker(listeners))
             except BaseException:
                 code = 111
             finally:
@@ -176,4 +177,4 @@ def run(root: Root, log: Log, qmqp: Iterable[tuple[str, int]] = (), workers: int
         say(f"qmqpd: listening on {listener.address}")
         # Should the scheduler take QMQP over, its loop must not wait for a client's fsync.
         listener.inline_alone = False
-    asyncio.run(serve(root, log, listeners, pids))
+    evloop.run(serve(root, log, listeners, pids))

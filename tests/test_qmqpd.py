@@ -717,9 +717,23 @@ def vm_hwm_kb(pid: int) -> int:
         return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def test_daemon_delivers_a_qmqp_message_to_a_maildir(root):
+def runs_uvloop(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "/uvloop/" in f.read()
+
+
+@pytest.mark.parametrize("loop", ["default", "asyncio"])
+def test_daemon_delivers_a_qmqp_message_to_a_maildir(root, monkeypatch, loop):
+    pytest.importorskip("uvloop", reason="uvloop is not installed: the daemon runs asyncio's loop")
+    if loop == "asyncio":
+        monkeypatch.setenv("SMARTHOST_EVENT_LOOP", "asyncio")
+    else:
+        monkeypatch.delenv("SMARTHOST_EVENT_LOOP", raising=False)
     d, [port] = start_daemon(root, "127.0.0.1:0")
     try:
+        d.wait_log("status: local 0/")
+        processes = [d.proc.pid, *qmqp_processes(d)]
+        assert len(processes) >= 2
         answer = client("127.0.0.1", port, req(b"Subject: e2e\n\nover QMQP\n", b"s@far.example"))
         assert answer.startswith(b"Kok ")
         [path] = wait_files(root.sub("home", "example", "Maildir", "new"))
@@ -730,6 +744,8 @@ def test_daemon_delivers_a_qmqp_message_to_a_maildir(root):
         d.wait_log("qmqpd: ok 127.0.0.1 msg ")
         assert client("127.0.0.1", port, b"5x:", timeout=10) is None
         d.wait_log("qmqpd: drop 127.0.0.1: protocol error")
+        # every process has served by now, or at least has had the time to start its loop
+        assert [runs_uvloop(pid) for pid in processes] == [loop == "default"] * len(processes)
     finally:
         assert d.stop() == 0
     assert "status: exiting" in d.lines[-1]
