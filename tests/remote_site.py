@@ -5,12 +5,12 @@ QMTP port (control/smtpport, control/qmtpport). Import `site` into a test module
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass, field
 
 import pytest
 
+from smarthost import evloop
 from smarthost.remote import RemoteDelivery
 from smarthost.root import Root
 from tests.dnsserver import DnsServer
@@ -68,7 +68,7 @@ class Site:
     def deliver(self, rcpts: list[str], sender: str = "sender@here.test", data: bytes = MESSAGE,
                 rd: RemoteDelivery | None = None) -> list[tuple[str, str]]:
         rd = rd or self.delivery()
-        return asyncio.run(rd.deliver(sender, rcpts, self.message(data)))
+        return evloop.run(rd.deliver(sender, rcpts, self.message(data)))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from miniqmail import netstring
-from smarthost import tcprules
+from smarthost import evloop, tcprules
 from smarthost.qmqp_session import (BAD_ADDRESS, NEED_DATA, NO_RECIPIENTS, TOO_BIG, QmqpError,
                                     QmqpSession, QueueSink, Refused, Request, TooLarge, Truncated,
                                     databytes, received)
@@ -341,7 +341,7 @@ def listen(root, coro_fn, host="127.0.0.1", **kw):
         finally:
             await lst.wait_closed(1)
 
-    return asyncio.run(main()), lines
+    return evloop.run(main()), lines
 
 
 def k(answer: bytes) -> bool:

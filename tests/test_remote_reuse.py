@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from smarthost import evloop
 from smarthost.remote.sessions import SessionCache
 from tests.remote_peers import CLOSE
 
@@ -30,7 +31,7 @@ def test_one_connection_carries_messages_in_turn_and_says_quit_at_the_end(site):
         await rd.close()
         return out, kept
 
-    out, kept = asyncio.run(main())
+    out, kept = evloop.run(main())
     assert out == ["K", "K", "K"]
     assert kept == 1
     assert peer.connections == 1
@@ -59,7 +60,7 @@ def test_a_kept_connection_the_server_gave_up_is_replaced_by_a_fresh_one(site, s
         await rd.close()
         return out
 
-    assert asyncio.run(main()) == ["K", "K"]
+    assert evloop.run(main()) == ["K", "K"]
     assert peer.connections == 2
     assert [m.rcpts for m in peer.mails] == [["r0@b.test"], ["r1@b.test"]]
     assert len(calls) == 3
@@ -82,7 +83,7 @@ def test_an_idle_kept_connection_gets_its_quit(site):
         await rd.close()
         return first, quit_seen, second
 
-    assert asyncio.run(main()) == ("K", True, "K")
+    assert evloop.run(main()) == ("K", True, "K")
     assert peer.connections == 2
 
 
@@ -99,7 +100,7 @@ def test_a_connection_is_kept_only_for_the_same_server_and_terms(site):
         await rd.close()
         return out
 
-    assert asyncio.run(main()) == "KKKK"
+    assert evloop.run(main()) == "KKKK"
     assert (one.connections, two.connections) == (1, 1)
     assert [m.rcpts for m in one.mails] == [["a@d.test"], ["c@d.test"]]
 
@@ -123,7 +124,7 @@ def test_control_files_are_read_again_after_a_second_or_at_once_on_sighup(site):
         return out
 
     t = time.monotonic()
-    assert asyncio.run(main()) == "KKK"
+    assert evloop.run(main()) == "KKK"
     assert time.monotonic() - t < 10
     assert [m.rcpts for m in one.mails] == [["a@f.test"], ["c@f.test"]]
     assert [m.rcpts for m in two.mails] == [["b@f.test"]]
@@ -143,5 +144,5 @@ def test_a_connection_with_words_nobody_asked_for_is_not_kept(site):
         await rd.close()
         return out
 
-    assert asyncio.run(main()) == "KK"
+    assert evloop.run(main()) == "KK"
     assert peer.connections == 2

@@ -1,6 +1,5 @@
 """Routing, MX planning, the loop check, TLS policy, control files and tcpto's rules, without sockets."""
 
-import asyncio
 import ipaddress
 import random
 import struct
@@ -9,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from miniqmail.control import Control, ControlError
+from smarthost import evloop
 from smarthost.remote.config import RemoteConfig, parse_resolver
 from smarthost.remote.ipme import ipme
 from smarthost.remote.mx import DnsNonexistent, DnsTemporary, plan
@@ -82,7 +82,7 @@ class FakeDns:
 
 def run_plan(dns, domain, smtp=(), qmtp=(), me=("192.0.2.1",)):
     rt = route(domain, DomainMap(list(smtp)), DomainMap(list(qmtp)))
-    return asyncio.run(plan(dns, domain, rt, 25, 209, lambda: frozenset(map(ip, me)), random.Random(1)))
+    return evloop.run(plan(dns, domain, rt, 25, 209, lambda: frozenset(map(ip, me)), random.Random(1)))
 
 
 def test_plan_mx_order_families_and_mxps():

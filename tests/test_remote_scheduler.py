@@ -1,11 +1,11 @@
 """RemoteDelivery as the scheduler's remote channel: queue → SMTP peer, and a bounce for the refused."""
 
-import asyncio
 import io
 import os
 
 import pytest
 
+from smarthost import evloop
 from smarthost.logfmt import Log
 from smarthost.queue import Queue
 from smarthost.remote import RemoteDelivery
@@ -35,7 +35,7 @@ def test_queued_message_goes_out_and_the_refused_recipient_bounces(site):
 
         await run_scheduler_until(Scheduler(root, log, remote=remote), out, f"end msg {n}")
 
-    asyncio.run(main())
+    evloop.run(main())
     log = out.getvalue()
     assert f"end msg {n}" in log, log
     [mail] = peer.mails

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from smarthost import evloop
 
 pytest_plugins = ["tests.remote_site"]  # the `site` fixture
 pytestmark = pytest.mark.timeout(120)
@@ -52,14 +53,14 @@ def test_smtp_sink_accepts(site, sink):
 
 
 def test_500_concurrent_deliveries_to_smtp_sink(site, sink):
-    results = asyncio.run(many(site, "sink.test", CONCURRENT))
+    results = evloop.run(many(site, "sink.test", CONCURRENT))
     assert all(r == "K" for pair in results for r, _ in pair), [p for p in results if p[0][0] != "K"][:3]
 
 
 def test_500_concurrent_deliveries_to_an_asyncio_receiver(site):
     site.mx("many.test", (10, "mx.many.test", "127.0.0.4"))
     peer = site.smtp("127.0.0.4")
-    results = asyncio.run(many(site, "many.test", CONCURRENT))
+    results = evloop.run(many(site, "many.test", CONCURRENT))
     assert all(r == "K" for pair in results for r, _ in pair)
     assert len(peer.mails) == CONCURRENT and all(len(m.rcpts) == 2 for m in peer.mails)
     assert peer.peak > 50  # they really ran side by side

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from smarthost import evloop
 from smarthost.logfmt import Log
 from smarthost.queue import Queue
 from smarthost.send import Scheduler
@@ -38,7 +39,7 @@ def test_remote_recipients_go_one_transaction_per_domain(root):
     q = Queue(root.queue_dir)
     n = q.inject(b"Subject: grouped\n\nx\n", "", ["a@x.example", "b@X.EXAMPLE", "c@y.example", "d@y.example"]).id
 
-    asyncio.run(run_scheduler_until(Scheduler(root, Log(out), remote=remote), out, f"end msg {n}"))
+    evloop.run(run_scheduler_until(Scheduler(root, Log(out), remote=remote), out, f"end msg {n}"))
     log = out.getvalue()
     assert sorted(calls) == [["a@x.example", "b@X.EXAMPLE"], ["c@y.example", "d@y.example"]]
     assert log.count(" to remote ") == 4
@@ -66,7 +67,7 @@ def test_periodic_cleanup_removes_leftovers_of_dead_injections(root):
         await task
         return n
 
-    n = asyncio.run(main())
+    n = evloop.run(main())
     assert q.mess_ids() == []
     assert f"removed mess/{n % 23}/{n}" in out.getvalue()
 
@@ -111,7 +112,7 @@ def test_a_backlog_is_preprocessed_a_window_at_a_time_and_waiting_costs_a_persis
         await task
         return early, todo_early
 
-    early, todo_early = asyncio.run(main())
+    early, todo_early = evloop.run(main())
     assert 4 <= early <= 5  # the lookahead of 4, one of them perhaps running already
     assert todo_early == 30
     assert q.mess_ids() == [] and q.todo_ids() == [] and q.info_ids() == []
@@ -140,7 +141,7 @@ def test_mail_delivered_at_once_is_never_persisted(root):
         await stop_when_empty(sched, q, 30)
         await task
 
-    asyncio.run(main())
+    evloop.run(main())
     assert len(had_info) == 400 and not any(had_info)
     assert q.mess_ids() == [] and q.todo_ids() == []
 
@@ -172,7 +173,7 @@ def test_removing_a_finished_message_never_holds_up_the_loop(root):
         await stop_when_empty(sched, q, 10)
         await task
 
-    asyncio.run(main())
+    evloop.run(main())
     log = out.getvalue()
     d = re.search(rf"starting delivery (\d+): msg {quick} to remote", log).group(1)
     assert log.index(f"delivery {d}: success") < log.index(f"end msg {slow}")
@@ -211,7 +212,7 @@ def with_scheduler(root, scenario):
             sched.on_term()
             await task
 
-    return asyncio.run(main()), sent
+    return evloop.run(main()), sent
 
 
 def test_a_poke_that_names_its_messages_spares_listing_todo(root):
