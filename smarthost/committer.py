@@ -8,9 +8,11 @@ the envelopes of all of them, starts every message's writeback, then fsyncs
 (queue.commit_group): the messages share its wake-ups, and the write of todo/
 (or the journal commit) that makes one link durable makes the others made
 before it durable too. Two threads rather than one, so that a group gathers
-and starts while the last one waits for the disk. Each message keeps the order
-of writes and fsyncs that a lone commit has, and each client is answered only
-once its own message is durable.
+and starts while the last one waits for the disk. The loop hands the sessions
+that finished during one of its turns over together, at the end of the turn:
+a hand-over wakes a thread, which then wants the interpreter the loop holds.
+Each message keeps the order of writes and fsyncs that a lone commit has, and
+each client is answered only once its own message is durable.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class Committer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = THREADS):
         self._loop = loop
-        self._jobs: _queue.SimpleQueue[_Job | None] = _queue.SimpleQueue()
+        self._jobs: _queue.SimpleQueue[list[_Job] | None] = _queue.SimpleQueue()
+        self._pending: list[_Job] = []  # finished during this turn of the loop
         self._threads = [threading.Thread(target=self._run, name="qmqp-commit", daemon=True)
                          for _ in range(threads)]
         for t in self._threads:
@@ -79,11 +82,20 @@ class Committer:
     def finish(self, sink: QueueSink, chunks: list[bytes], event: Event) -> asyncio.Future:
         """A future for the session's answer text, once its message is durable (or refused)."""
         fut = self._loop.create_future()
-        self._jobs.put((sink, chunks, event, fut))
+        if not self._pending:
+            self._loop.call_soon(self._hand_over)
+        self._pending.append((sink, chunks, event, fut))
         return fut
+
+    def _hand_over(self) -> None:
+        """The sessions that finished during the loop's last turn, to the threads at once."""
+        if self._pending:
+            jobs, self._pending = self._pending, []
+            self._jobs.put(jobs)
 
     def close(self) -> None:
         """Let the threads finish what they have, then end."""
+        self._hand_over()
         for _ in self._threads:
             self._jobs.put(None)
 
@@ -96,7 +108,7 @@ class Committer:
                 if job is None:
                     stop = True
                 else:
-                    jobs.append(job)
+                    jobs.extend(job)
                 try:
                     job = self._jobs.get_nowait()
                 except _queue.Empty:

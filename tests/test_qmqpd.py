@@ -3,6 +3,7 @@
 import asyncio
 import io
 import os
+import queue
 import re
 import shutil
 import signal
@@ -414,6 +415,46 @@ def test_sessions_finishing_together_are_committed_together(root, monkeypatch):
     subjects = sorted(open(q.mess(n), "rb").read().split(b"Subject: ")[1][:1] for n in q.todo_ids())
     assert subjects == [b"%d" % i for i in range(8)]
     assert len([x for x in lines if x.startswith("qmqpd: ok ")]) == 8
+
+
+def test_sessions_finished_in_one_turn_of_the_loop_are_handed_over_at_once(root, monkeypatch):
+    """One hand-over, so one wake-up of a disk thread, for every session that finished
+    during a turn of the loop; each still gets its own answer."""
+    from smarthost import committer
+
+    groups: list[int] = []
+    real = committer.commit_group
+
+    def record(drafts):
+        groups.append(len(drafts))
+        return real(drafts)
+
+    puts: list = []
+
+    class Jobs(queue.SimpleQueue):
+        def put(self, item, *args):
+            puts.append(item)
+            super().put(item, *args)
+
+    monkeypatch.setattr(committer, "commit_group", record)
+    monkeypatch.setattr(committer._queue, "SimpleQueue", Jobs)
+    q = Queue(root.queue_dir)
+
+    async def main():
+        c = committer.Committer(asyncio.get_running_loop())
+        futures = []
+        for i in range(5):  # all in this one turn
+            sink = QueueSink(q.draft, b"Received: test\n")
+            futures.append(c.finish(sink, [b"Subject: %d\n\nx\n" % i], Request(b"a@b", (b"c@d",), 5)))
+        assert puts == []  # not before the turn ends
+        answers = await asyncio.gather(*futures)
+        c.close()
+        return answers
+
+    answers = evloop.run(main())
+    assert all(a.startswith("Kok ") for a in answers)
+    assert [len(p) for p in puts if p is not None] == [5] and groups == [5]
+    assert len(q.todo_ids()) == 5
 
 
 def test_a_session_that_breaks_in_a_group_breaks_alone(root, monkeypatch):
