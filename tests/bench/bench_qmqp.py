@@ -247,7 +247,7 @@ def big_message(base: str, size: int) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", type=int, default=2000, help="messages per run (default 2000)")
-    ap.add_argument("--rounds", type=int, default=2, help="A B rounds per concurrency (default 2)")
+    ap.add_argument("--rounds", type=int, default=4, help="A B rounds per concurrency (default 4)")
     ap.add_argument("--concurrency", default="1,10,50")
     ap.add_argument("--skip-postfix", action="store_true")
     ap.add_argument("--runs", type=int, default=21, help="qmail-qmqpc start-up runs (default 21)")
