@@ -27,7 +27,3 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
                 return runner.run(main)
     return asyncio.run(main)
 
-
-def name() -> str:
-    """Which loop runs the calling coroutine: 'uvloop' or 'asyncio'."""
-    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
