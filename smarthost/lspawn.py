@@ -39,8 +39,10 @@ DEATH = 86400
 TEMP_CODES = (111, 71, 74, 75)
 #: deliveries into a scratch Maildir before the first fork (see Spawner.warm_up)
 WARM_UP_ROUNDS = 20
-#: deliveries one child makes at most, one after another (Postfix's local: max_use 100)
-REUSE = 100
+#: deliveries one child makes at most, one after another. Postfix's local stops at
+#: 100 (max_use); a child of ours costs far more to start (a fork of the spawner, then
+#: a copy of every page either touches), so it is spread over more deliveries.
+REUSE = 1000
 #: seconds a child that has reported waits for another delivery
 IDLE = 2.0
 

@@ -101,6 +101,18 @@ def test_one_child_serves_deliveries_one_after_another(sp, home, messid):
     assert len(set(pids(home))) == 2
 
 
+def test_a_child_serves_at_most_reuse_deliveries_then_a_fresh_one_takes_over(sp, home, messid):
+    from smarthost.lspawn import REUSE
+
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
+    for _ in range(REUSE - 2):
+        assert delivered(sp, messid, "example@mx.test.invalid") == "K"
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"   # its last
+    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"   # a new child's first
+    first, last, fresh = pids(home)
+    assert first == last != fresh
+
+
 def test_a_child_that_dies_costs_only_its_own_delivery(sp, home, messid):
     assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
     d = sp.ask(messid, "example-die@mx.test.invalid")
