@@ -26,4 +26,3 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 return runner.run(main)
     return asyncio.run(main)
-
