@@ -1,4 +1,12 @@
-"""The scheduler's end of the pipes to the local delivery spawner (smarthost.lspawn).
+"""The scheduler's side of local delivery: the spawner (smarthost.lspawn) and its children.
+
+The spawner only forks; the scheduler keeps its end of each child's socket and
+talks to the child itself, so a delivery costs one send and one receive in each
+process, not a relay through a third. In system mode the scheduler opens the
+queued message and sends it along, as qmail-lspawn hands qmail-local its fd 0.
+Here live the pool's rules, after Postfix's local(8): a child that has reported
+waits up to IDLE seconds for another delivery of the same user and serves at
+most REUSE.
 
 Kept apart from smarthost.lspawn on purpose: this side needs asyncio, and the
 spawner must not import it (its at-fork hooks would run in every delivery child).
@@ -6,76 +14,255 @@ spawner must not import it (its at-fork hooks would run in every delivery child)
 
 from __future__ import annotations
 
+import array
 import asyncio
+import os
+import socket
 import sys
 
+from miniqmail.fdio import why
+from smarthost import users
+from smarthost.lspawn import RESULT_LIMIT, clean_text, letter_for
+from smarthost.queue import Queue
 from smarthost.root import Root
+
+#: deliveries one child makes at most, one after another. Postfix's local stops at
+#: 100 (max_use); a child of ours costs far more to start (a fork of the spawner, then
+#: a copy of every page either touches), so it is spread over more deliveries.
+REUSE = 1000
+#: seconds a child that has reported waits for another delivery
+IDLE = 2.0
+CRASHED = "ZDelivery process crashed. (#4.3.0)"
+
+
+class Child:
+    """A delivery child as the scheduler sees it: our end of its socket, and what it is doing."""
+
+    __slots__ = ("sock", "key", "served", "fut", "idle_since")
+
+    def __init__(self, sock: socket.socket, key: object):
+        self.sock, self.key = sock, key
+        self.served = 0
+        self.fut: asyncio.Future | None = None   # the delivery it is on
+        self.idle_since = 0.0
 
 
 class LocalSpawner:
-    """The scheduler's end of the pipes to smarthost.lspawn.
+    """Local deliveries, each in a child of smarthost.lspawn.
 
-    A spawner that dies (killed, out of memory) costs the deliveries it had
-    under way, which are deferred; the next delivery starts a new one.
+    A child that dies costs only the delivery it was on ("crashed", deferred). A
+    spawner that dies (killed, out of memory) costs nothing under way: its
+    children go on, and the next fork starts a new spawner.
     """
 
     def __init__(self, root: Root):
         self.root = root
+        self.queue = Queue(root.queue_dir)
+        self.system_mode = root.mode == "system"
         self.proc: asyncio.subprocess.Process | None = None
-        self.waiting: dict[int, asyncio.Future] = {}
-        self._ids = 0
+        self.sock: socket.socket | None = None
         self.alive = False
+        self.closing = False
+        self.children: set[Child] = set()
+        self.idle: dict[object, list[Child]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._restart = asyncio.Lock()   # one new spawner, however many deliveries find it dead
 
+    # -- the spawner ------------------------------------------------------------
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "smarthost.lspawn", self.root.path,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        hello = await self.proc.stdout.readexactly(1)
-        if hello != b"+":
-            raise RuntimeError("local delivery spawner did not start")
-        self.alive = True
-        self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))  # held: tasks are weak
-
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout
-        while True:
-            try:
-                did = await proc.stdout.readuntil(b"\0")
-                report = await proc.stdout.readuntil(b"\0")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-                break
-            fut = self.waiting.pop(int(did[:-1]), None)
-            if fut and not fut.done():
-                fut.set_result(report[:-1].decode("utf-8", "surrogateescape"))
-        self.alive = False
-        for fut in self.waiting.values():
-            if not fut.done():
-                fut.set_result("ZLocal delivery spawner died. (#4.3.0)")
-        self.waiting.clear()
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            await proc.wait()
-        except Exception:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "smarthost.lspawn", self.root.path,
+                stdin=theirs.fileno(), stdout=asyncio.subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        try:
+            hello = await loop.sock_recv(ours, 1)
+        except BaseException:
+            ours.close()
+            raise
+        if hello != b"+":
+            ours.close()
+            raise RuntimeError("local delivery spawner did not start")
+        self.sock = ours
+        self.alive = True
+        loop.add_reader(ours.fileno(), self._spawner_said, ours, self.proc)
+
+    def _spawner_said(self, sock: socket.socket, proc: asyncio.subprocess.Process) -> None:
+        """The spawner never writes after its hello: anything readable is its end."""
+        try:
+            if sock.recv(16):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
             pass
+        self._lost(sock, proc)
+
+    def _lost(self, sock: socket.socket, proc: asyncio.subprocess.Process | None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        sock.close()
+        if self.sock is sock:
+            self.sock, self.alive = None, False
+        if proc is not None:
+            loop.create_task(proc.wait())  # reap it
+
+    def _fork(self, key: object) -> Child:
+        """A fresh child: a socket pair made here, its end handed to the spawner to fork with."""
+        assert self.sock
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(self.sock, [b"F"], [theirs.fileno()])
+        except OSError:
+            ours.close()
+            self._lost(self.sock, self.proc)
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        child = Child(ours, key)
+        self.children.add(child)
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable, child)
+        return child
+
+    # -- deliveries -------------------------------------------------------------
+    def key_for(self, recipient: str) -> object:
+        """Which children may take this delivery: any in user mode, else one of the same user."""
+        if not self.system_mode:
+            return None
+        try:
+            user = users.resolve(self.root.path, recipient.rpartition("@")[0], system_mode=True)
+        except Exception:
+            return object()  # a child of its own, which reports the trouble
+        return (user.uid, user.gid)
 
     async def deliver(self, messid: int, sender: str, recipient: str) -> tuple[str, str]:
-        if not self.alive:
-            async with self._restart:
-                if not self.alive:
-                    await self.start()  # trouble raises: run_delivery() defers the delivery
-        assert self.proc and self.proc.stdin
-        self._ids += 1
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[self._ids] = fut
-        self.proc.stdin.write(b"%d\0%d\0%s\0%s\0" % (
-            self._ids, messid, sender.encode("utf-8", "surrogateescape"),
-            recipient.encode("utf-8", "surrogateescape")))
+        """One local delivery in a child: (K, Z or D, the report's text)."""
+        request = b"%d\0%s\0%s" % (messid, sender.encode("utf-8", "surrogateescape"),
+                                    recipient.encode("utf-8", "surrogateescape"))
+        fd = -1
+        if self.system_mode:
+            try:
+                fd = os.open(self.queue.mess(messid), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                return "Z", f"Unable to open the queued message: {why(e)} (#4.3.0)"
+        try:
+            child = await self._hand(fd, request, self.key_for(recipient))
+        finally:
+            if fd >= 0:
+                os.close(fd)  # the child has its own
+        if child is None:
+            return CRASHED[:1], CRASHED[1:]
+        child.served += 1
+        child.fut = fut = asyncio.get_running_loop().create_future()
         report = await fut
         return report[:1] or "Z", report[1:]
 
+    async def _hand(self, fd: int, request: bytes, key: object) -> Child | None:
+        """Send the request to an idle child of `key`, else a fresh one; None if a fresh one failed."""
+        restarted = False
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
+        while True:
+            idle = self.idle.get(key)
+            if idle:
+                child = idle.pop()
+            else:
+                if not self.alive:
+                    async with self._restart:
+                        if not self.alive:
+                            await self.start()  # trouble raises: run_delivery() defers the delivery
+                            restarted = True
+                try:
+                    child = self._fork(key)
+                except OSError:
+                    if restarted:
+                        raise
+                    restarted = True
+                    continue  # the spawner was gone: start a new one, once
+            try:
+                # An idle child is waiting for exactly this: its socket has room.
+                child.sock.sendmsg([request], rights)
+                return child
+            except OSError:
+                self._drop(child)   # it died while idle
+                if not child.served:
+                    return None
+
+    def _readable(self, child: Child) -> None:
+        try:
+            data, _, flags, _ = child.sock.recvmsg(RESULT_LIMIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, flags = b"", 0
+        code_s, sep, text = data.partition(b"\0")
+        if (not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or child.fut is None
+                or not sep or not code_s.lstrip(b"-").isdigit()):
+            self._drop(child)  # its end of file, or it broke the protocol: it gets no more work
+            return
+        fut, child.fut = child.fut, None
+        if not fut.done():
+            fut.set_result(letter_for(int(code_s)) + clean_text(text.decode("utf-8", "surrogateescape")))
+        if child.served >= REUSE or self.closing:
+            self._drop(child)
+            return
+        child.idle_since = asyncio.get_running_loop().time()
+        self.idle.setdefault(child.key, []).append(child)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE, self._expire)
+
+    def _drop(self, child: Child) -> None:
+        """Done with a child: it sees our end close and exits (one still delivering dies of
+        SIGPIPE at its report). A delivery it was on is reported crashed."""
+        if child.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(child.sock.fileno())
+            child.sock.close()
+        self.children.discard(child)
+        idle = self.idle.get(child.key)
+        if idle and child in idle:
+            idle.remove(child)
+        fut, child.fut = child.fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(CRASHED)
+
+    def _expire(self) -> None:
+        """Retire the children idle for IDLE seconds; come back for the rest."""
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        soonest = None
+        for key, idle in list(self.idle.items()):
+            for child in [c for c in idle if c.idle_since + IDLE <= now]:
+                self._drop(child)
+            for child in idle:
+                left = child.idle_since + IDLE - now
+                soonest = left if soonest is None else min(soonest, left)
+            if not idle:
+                del self.idle[key]
+        if soonest is not None:
+            self._sweep = asyncio.get_running_loop().call_later(soonest, self._expire)
+
     async def stop(self) -> None:
-        if self.proc and self.proc.stdin:
-            self.proc.stdin.close()
+        """Retire every child (one on a delivery finishes it first), then the spawner."""
+        self.closing = True
+        for idle in list(self.idle.values()):
+            for child in list(idle):
+                self._drop(child)
+        self.idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock, self.alive = None, False
+        if self.proc is not None:
             try:
                 await asyncio.wait_for(self.proc.wait(), 30)
             except asyncio.TimeoutError:

@@ -1,49 +1,23 @@
-"""The local delivery spawner over its real pipes: a child makes one delivery at a time,
-may then serve more for the same user, and a child that dies costs only its own delivery."""
+"""Local delivery over real pipes: the spawner forks, the scheduler's side (LocalSpawner)
+talks to each child. A child makes one delivery at a time, may then serve more for the
+same user, and a child that dies costs only its own delivery."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
-import select
+import signal
+import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
+from smarthost import evloop
+from smarthost.spawnclient import CRASHED, IDLE, REUSE, Child, LocalSpawner
+
 pytestmark = pytest.mark.timeout(60)
-
-
-class Spawner:
-    def __init__(self, root):
-        self.proc = subprocess.Popen([sys.executable, "-m", "smarthost.lspawn", root.path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        assert self.read(1) == b"+"
-        self.buf = b""
-        self.ids = 0
-
-    def read(self, n: int, timeout: float = 20.0) -> bytes:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, "the spawner said nothing"
-        return os.read(self.proc.stdout.fileno(), n)
-
-    def ask(self, messid: int, rcpt: str, sender: str = "a@b.example") -> int:
-        self.ids += 1
-        self.proc.stdin.write(b"%d\0%d\0%s\0%s\0" % (self.ids, messid, sender.encode(), rcpt.encode()))
-        return self.ids
-
-    def answer(self) -> tuple[int, str]:
-        while self.buf.count(b"\0") < 2:
-            data = self.read(65536)
-            assert data, "the spawner closed its end"
-            self.buf += data
-        did, report, self.buf = self.buf.split(b"\0", 2)
-        return int(did), report.decode()
-
-    def close(self) -> int:
-        self.proc.stdin.close()
-        return self.proc.wait(20)
 
 
 @pytest.fixture
@@ -64,75 +38,14 @@ def messid(root):
     return Queue(root.queue_dir).inject(b"Subject: spawn\n\nx\n", "a@b.example", ["x@y.example"], trigger=False).id
 
 
-def letter(sp: Spawner, d: int) -> str:
-    """The answer's letter (K, Z or D), which must be for delivery `d`."""
-    did, report = sp.answer()
-    assert did == d
-    return report[:1]
-
-
 def pids(home) -> list[int]:
     with open(os.path.join(home, "pids")) as f:
         return [int(line) for line in f]
 
 
-@pytest.fixture
-def sp(root, home):
-    spawner = Spawner(root)
-    yield spawner
-    assert spawner.close() == 0
-
-
-def delivered(sp: Spawner, messid: int, rcpt: str) -> str:
-    """One delivery, waited for: its answer's letter."""
-    return letter(sp, sp.ask(messid, rcpt))
-
-
-def test_one_child_serves_deliveries_one_after_another(sp, home, messid):
-    for _ in range(5):
-        assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    seen = pids(home)
-    assert len(seen) == 5 and len(set(seen)) == 1
-    assert seen[0] not in (sp.proc.pid, os.getpid())   # never the spawner itself
-    # two at once: two children, each on one delivery
-    sp.ask(messid, "example-slow@mx.test.invalid")
-    sp.ask(messid, "example-pid@mx.test.invalid")
-    assert sorted(sp.answer()[1][:1] for _ in range(2)) == ["K", "K"]
-    assert len(set(pids(home))) == 2
-
-
-def test_a_child_serves_at_most_reuse_deliveries_then_a_fresh_one_takes_over(sp, home, messid):
-    from smarthost.lspawn import REUSE
-
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    for _ in range(REUSE - 2):
-        assert delivered(sp, messid, "example@mx.test.invalid") == "K"
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"   # its last
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"   # a new child's first
-    first, last, fresh = pids(home)
-    assert first == last != fresh
-
-
-def test_a_child_that_dies_costs_only_its_own_delivery(sp, home, messid):
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    d = sp.ask(messid, "example-die@mx.test.invalid")
-    assert sp.answer() == (d, "ZDelivery process crashed. (#4.3.0)")
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    first, second = pids(home)
-    assert first != second   # the child that died was the one that had served before
-
-
-def test_an_idle_child_exits_and_a_fresh_one_takes_over(sp, home, messid):
-    from smarthost.lspawn import IDLE
-
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    child = pids(home)[0]
-    deadline = time.monotonic() + IDLE + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
-        time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{child}"), "the idle child is still there"
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    assert pids(home)[1] != child
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                           text=True).stdout.split()]
 
 
 def gone(pid: int) -> bool:
@@ -144,35 +57,126 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_a_child_killed_while_idle_costs_nothing(sp, home, messid):
-    import signal
+def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Blocks the loop on purpose: the scheduler's side must not hear of it before the next delivery."""
+    deadline = time.monotonic() + timeout
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gone(pid)
 
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    child = pids(home)[0]
-    os.kill(sp.proc.pid, signal.SIGSTOP)  # so it sees the request before the death
-    try:
-        d = sp.ask(messid, "example-pid@mx.test.invalid")
-        time.sleep(0.1)
+
+def run(root, scenario) -> None:
+    """scenario(spawner) on the daemon's event loop, with a started spawner stopped after."""
+    async def main():
+        sp = LocalSpawner(root)
+        await sp.start()
+        try:
+            await scenario(sp)
+        finally:
+            await sp.stop()
+        assert sp.proc.returncode == 0
+    evloop.run(main())
+
+
+async def letter(sp: LocalSpawner, messid: int, rcpt: str) -> str:
+    """One delivery, waited for: its answer's letter."""
+    return (await sp.deliver(messid, "a@b.example", rcpt))[0]
+
+
+def test_one_child_serves_deliveries_one_after_another(root, home, messid):
+    async def scenario(sp):
+        for _ in range(5):
+            assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        seen = pids(home)
+        assert len(seen) == 5 and len(set(seen)) == 1
+        assert seen[0] not in (sp.proc.pid, os.getpid())   # never the spawner itself
+        assert seen[0] in children_of(sp.proc.pid)
+        # two at once: two children, each on one delivery
+        both = await asyncio.gather(sp.deliver(messid, "a@b.example", "example-slow@mx.test.invalid"),
+                                    sp.deliver(messid, "a@b.example", "example-pid@mx.test.invalid"))
+        assert [r[0] for r in both] == ["K", "K"]
+        assert len(set(pids(home))) == 2
+    run(root, scenario)
+
+
+def test_a_child_serves_at_most_reuse_deliveries_then_a_fresh_one_takes_over(root, home, messid):
+    async def scenario(sp):
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        for _ in range(REUSE - 2):
+            assert await letter(sp, messid, "example@mx.test.invalid") == "K"
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"   # its last
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"   # a new child's first
+        first, last, fresh = pids(home)
+        assert first == last != fresh
+    run(root, scenario)
+
+
+def test_a_child_that_dies_costs_only_its_own_delivery(root, home, messid):
+    async def scenario(sp):
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        assert await sp.deliver(messid, "a@b.example", "example-die@mx.test.invalid") == (
+            CRASHED[:1], CRASHED[1:])
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        first, second = pids(home)
+        assert first != second   # the child that died was the one that had served before
+    run(root, scenario)
+
+
+def test_an_idle_child_exits_and_a_fresh_one_takes_over(root, home, messid):
+    async def scenario(sp):
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        child = pids(home)[0]
+        deadline = time.monotonic() + IDLE + 10
+        while time.monotonic() < deadline and not gone(child):
+            await asyncio.sleep(0.1)
+        assert gone(child), "the idle child is still there"
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        assert pids(home)[1] != child
+        assert not sp.idle or all(c.served == 1 for idle in sp.idle.values() for c in idle)
+    run(root, scenario)
+
+
+def test_a_child_killed_while_idle_costs_nothing(root, home, messid):
+    async def scenario(sp):
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        child = pids(home)[0]
         os.kill(child, signal.SIGKILL)
+        wait_gone(child)   # the request below finds its pipe broken
+        assert await letter(sp, messid, "example-pid@mx.test.invalid") == "K"
+        assert child not in pids(home)[1:]
+        assert sp.proc.returncode is None
+    run(root, scenario)
+
+
+def test_a_killed_spawner_costs_no_delivery_and_a_new_one_forks_the_next_child(root, home, messid):
+    async def scenario(sp):
+        first = sp.proc.pid
+        slow = asyncio.ensure_future(sp.deliver(messid, "a@b.example", "example-slow@mx.test.invalid"))
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and gone(child) is False:
-            time.sleep(0.01)
-    finally:
-        os.kill(sp.proc.pid, signal.SIGCONT)
-    assert letter(sp, d) == "K"
-    assert delivered(sp, messid, "example-pid@mx.test.invalid") == "K"
-    assert child not in pids(home)[1:]
-    assert sp.proc.poll() is None
+        while not children_of(first) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        os.kill(first, signal.SIGKILL)
+        assert (await slow)[0] == "K"   # its child went on
+        both = await asyncio.gather(sp.deliver(messid, "a@b.example", "example-slow@mx.test.invalid"),
+                                    sp.deliver(messid, "a@b.example", "example-pid@mx.test.invalid"))
+        assert [r[0] for r in both] == ["K", "K"]
+        assert sp.proc.pid != first and pids(home)[0] in children_of(sp.proc.pid)
+        with open(os.path.join(home, "slow")) as f:
+            assert f.read() == "slow\nslow\n"
+    run(root, scenario)
 
 
-def test_closing_the_requests_lets_deliveries_under_way_finish(root, home, messid):
-    sp = Spawner(root)
-    d = sp.ask(messid, "example-slow@mx.test.invalid")
-    sp.proc.stdin.close()
-    assert letter(sp, d) == "K"
-    assert sp.proc.wait(20) == 0
-    with open(os.path.join(home, "slow")) as f:
-        assert f.read() == "slow\n"
+def test_stopping_lets_deliveries_under_way_finish(root, home, messid):
+    async def scenario(sp):
+        slow = asyncio.ensure_future(sp.deliver(messid, "a@b.example", "example-slow@mx.test.invalid"))
+        await asyncio.sleep(0.2)
+        await sp.stop()
+        assert sp.proc.returncode == 0
+        assert (await slow)[0] == "K"
+        with open(os.path.join(home, "slow")) as f:
+            assert f.read() == "slow\n"
+        assert not sp.children   # the child that finished has been retired
+    run(root, scenario)
 
 
 def sig_ignored(pid: int, sig: int) -> bool:
@@ -184,59 +188,100 @@ def sig_ignored(pid: int, sig: int) -> bool:
 def test_a_delivery_child_can_be_killed_by_its_alarm_whatever_the_spawner_inherited(root, home, messid):
     """qmail-local's DEATH alarm: a hung delivery must die of SIGALRM, even when the
     scheduler was started with it ignored."""
-    import signal
-
-    old = signal.signal(signal.SIGALRM, signal.SIG_IGN)  # inherited across exec
-    try:
-        sp = Spawner(root)
-    finally:
-        signal.signal(signal.SIGALRM, old)
-    try:
+    async def scenario(sp):
         assert sig_ignored(sp.proc.pid, signal.SIGALRM)   # the spawner itself does not care
-        d = sp.ask(messid, "example-slow@mx.test.invalid")
+        slow = asyncio.ensure_future(sp.deliver(messid, "a@b.example", "example-slow@mx.test.invalid"))
         deadline = time.monotonic() + 10
         children = []
         while not children and time.monotonic() < deadline:
-            children = subprocess.run(["pgrep", "-P", str(sp.proc.pid)], capture_output=True,
-                                      text=True).stdout.split()
+            children = children_of(sp.proc.pid)
+            await asyncio.sleep(0.01)
         [child] = children
-        assert not sig_ignored(int(child), signal.SIGALRM)
-        os.kill(int(child), signal.SIGALRM)   # what alarm(DEATH) sends
-        assert sp.answer() == (d, "ZDelivery process crashed. (#4.3.0)")
-    finally:
-        assert sp.close() == 0
+        assert not sig_ignored(child, signal.SIGALRM)
+        os.kill(child, signal.SIGALRM)   # what alarm(DEATH) sends
+        assert await slow == (CRASHED[:1], CRASHED[1:])
 
-
-@pytest.mark.parametrize("garbage", [b"x:", b"99999999:", b"3:abc;", b"4:0\0ok,"],
-                         ids=["non-digit", "huge-length", "no-comma", "no-delivery-asked"])
-def test_a_child_that_breaks_the_report_protocol_is_stopped(garbage):
-    """Reports come as bounded netstrings: garbage, a huge length or a report nobody asked
-    for gets the child killed, and a delivery it was on is reported as crashed."""
-    from smarthost.lspawn import Pool, Worker
-
-    res_r, res_w = os.pipe()
-    out_r, out_w = os.pipe()
-    child = os.posix_spawnp("sleep", ["sleep", "30"], os.environ)  # reaped by the pool, as its own are
-    pool = Pool(None, -1, out_w)
-    w = Worker(child, -1, res_r, None)
-    w.did = None if garbage.startswith(b"4:") else b"7"
-    pool.workers[res_r] = w
-    pool.sel.register(res_r, 1)
+    old = signal.signal(signal.SIGALRM, signal.SIG_IGN)  # inherited across exec
     try:
-        os.write(res_w, garbage)
-        pool.result(w)
-        deadline = time.monotonic() + 10
-        while not gone(child) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert gone(child)
-        os.close(res_w)
-        pool.result(w)   # its end of file
-        assert res_r not in pool.workers
-        if w.did is not None:
-            assert os.read(out_r, 100) == b"7\0ZDelivery process crashed. (#4.3.0)\0"
+        run(root, scenario)
     finally:
-        if os.path.exists(f"/proc/{child}"):
-            os.kill(child, 9)
-            os.waitpid(child, 0)
-        os.close(out_r)
-        os.close(out_w)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("garbage", [b"x", b"x\0ok", b"0\0" + b"y" * 20000, b"", b"0\0ok"],
+                         ids=["no-nul", "non-digit", "too-long", "empty", "no-delivery-asked"])
+def test_a_child_that_breaks_the_report_protocol_gets_no_more_work(root, garbage):
+    """A report is one bounded datagram `CODE NUL TEXT`: garbage, a report too long or
+    one nobody asked for ends the scheduler's dealings with the child (its socket
+    closes, so it exits), and a delivery it was on is reported as crashed."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        sp = LocalSpawner(root)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        child = Child(ours, None)
+        sp.children.add(child)
+        loop.add_reader(ours.fileno(), sp._readable, child)
+        asked = garbage != b"0\0ok"
+        fut = child.fut = loop.create_future() if asked else None
+        try:
+            theirs.send(garbage)
+            deadline = time.monotonic() + 10
+            while child in sp.children and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert child not in sp.children and ours.fileno() == -1
+            assert theirs.recv(10) == b""   # the child sees its end of file: it exits
+            if asked:
+                assert fut.result() == CRASHED
+        finally:
+            theirs.close()
+    evloop.run(scenario())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="system mode switches to each recipient's uid: needs root")
+def test_in_system_mode_a_child_serves_one_user_as_that_user(root, messid):
+    """The scheduler picks an idle child by user: a child that has switched to one
+    user's uid never takes another user's delivery."""
+    from smarthost.users import compile_assign
+
+    users = {"u1": 60101, "u2": 60102}
+    changed = []
+    path = root.path
+    while path != "/":   # the users must reach their homes and the queued message
+        mode = os.stat(path).st_mode & 0o7777
+        if mode & 0o011 != 0o011:
+            changed.append((path, mode))
+            os.chmod(path, mode | 0o011)
+        path = os.path.dirname(path)
+    try:
+        with open(root.sub("control", "mode"), "w") as f:
+            f.write("system\n")
+        with open(root.sub("users", "assign"), "w") as f:
+            for name, uid in users.items():
+                home = root.sub("home", name)
+                os.makedirs(home, mode=0o755, exist_ok=True)
+                with open(os.path.join(home, ".qmail"), "w") as q:
+                    q.write(f"|echo $PPID $(id -u) >> {home}/who\n")
+                os.chmod(os.path.join(home, ".qmail"), 0o644)
+                os.chown(home, uid, uid)
+                f.write(f"={name}:{name}:{uid}:{uid}:{home}:::\n")
+            f.write(".\n")
+        compile_assign(root.sub("users", "assign"), root.sub("users", "cdb"))
+
+        async def scenario(sp):
+            for name in ("u1", "u2", "u1", "u2", "u1"):
+                got = await sp.deliver(messid, "a@b.example", f"{name}@mx.test.invalid")
+                assert got == ("K", "did 0+0+1\n"), got
+        run(root, scenario)
+
+        seen = {}
+        for name, uid in users.items():
+            with open(root.sub("home", name, "who")) as f:
+                lines = [line.split() for line in f]
+            assert {int(u) for _, u in lines} == {uid}
+            seen[name] = {int(p) for p, _ in lines}
+            assert len(seen[name]) == 1   # one child served each user's deliveries
+        assert not seen["u1"] & seen["u2"]
+    finally:
+        for path, mode in changed:
+            os.chmod(path, mode)

@@ -288,17 +288,27 @@ def test_restart_does_not_repeat_finished_recipients(root, daemon):
     assert len(os.listdir(new)) == 1
 
 
-def test_a_spawner_that_dies_is_replaced_and_its_deliveries_retried(root, daemon):
-    dotqmail(root, "slow", "|sleep 30\n")
+def spawners(daemon_pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(daemon_pid), "-f", "smarthost.lspawn"],
+                                           capture_output=True, text=True).stdout.split()]
+
+
+def test_a_spawner_that_dies_costs_no_delivery_and_is_replaced(root, daemon):
+    """The scheduler talks to the delivery children itself: a spawner killed while a
+    delivery is under way loses nothing, and the next child comes from a new spawner."""
+    dotqmail(root, "slow", "|sleep 1\n")
     d = daemon()
     q = Queue(root.queue_dir)
     q.inject(msg("caught"), "sender@far.example", [f"example-slow@{ME}"])
     d.wait_log("starting delivery 1:")
-    spawner = int(subprocess.run(["pgrep", "-f", f"smarthost.lspawn {root.path}"], capture_output=True,
-                                 text=True).stdout.split()[0])
+    [spawner] = spawners(d.proc.pid)
     os.kill(spawner, signal.SIGKILL)
-    d.wait_log("delivery 1: deferral: Local_delivery_spawner_died.")
-    q.inject(msg("after"), "sender@far.example", [f"example@{ME}"])
+    d.wait_log("delivery 1: success")
+    # two at once: one child is idle, the other must be forked by a new spawner
+    q.inject(msg("after"), "sender@far.example", [f"example-slow@{ME}", f"example@{ME}"])
+    d.wait_log("delivery 2: success")
+    d.wait_log("delivery 3: success")
     [path] = wait_files(os.path.join(home(root), "Maildir", "new"))
     assert open(path, "rb").read().endswith(msg("after"))
+    assert spawners(d.proc.pid) not in ([], [spawner])
     assert d.proc.poll() is None
