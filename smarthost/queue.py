@@ -24,8 +24,9 @@ Injection order (each step one create, link or unlink):
   "queued"); poke lock/trigger (see poke: our injectors name what they queued).
 The directory fsyncs are coalesced across concurrent injectors (group commit),
 and skipped where a file's fsync already commits its links (FSYNC_COVERS_LINKS).
-commit_group() takes several staged drafts through each step together, each
-message in the order above.
+commit_group() takes several staged drafts through each step together (their
+fsyncs side by side, where the caller lends it threads), each message in the
+order above.
 A crash before the todo link leaves S2, which nothing else reads.
 """
 
@@ -39,7 +40,7 @@ import re
 import select
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from miniqmail import envelope
 from miniqmail.datefmt import date822
@@ -557,25 +558,36 @@ class Draft:
         self._fd = -1
 
 
-def commit_group(drafts: list[Draft]) -> list[Injected | QueueError]:
+def commit_group(drafts: list[Draft], each: Callable = map) -> list[Injected | QueueError]:
     """Commit staged drafts together (group commit): each step for all of them, then
     the next. Each message keeps the order of writes and fsyncs that a lone commit
     has; what the group shares is the waiting (every message's data is on its way
     before the first fsync) and the directory writes (one todo/ write covers the
     links made before it). Nothing is poked. A draft that fails gets its QueueError
-    in its place, and the others go on."""
-    out: list[Injected | QueueError | None] = [None] * len(drafts)
+    in its place, and the others go on.
+
+    `each(step, drafts)` runs a step for every draft and returns the results in
+    order: by default one draft after another. Given a thread pool's map, the
+    group's fsyncs wait side by side, and each cache flush of the disk (the
+    costly part of an fsync) then serves several of them."""
     for d in drafts:
         _start_writeback(d._fd)
-    for i, d in enumerate(drafts):
-        try:
-            d.sync_message()
-        except QueueError as e:
-            out[i] = e
-    for i, d in enumerate(drafts):
-        if out[i] is None:
-            try:
-                out[i] = d.sync_envelope()
-            except QueueError as e:
-                out[i] = e
-    return out  # type: ignore[return-value]
+    failed = list(each(_sync_message, drafts))
+    return list(each(_sync_envelope, drafts, failed))
+
+
+def _sync_message(d: Draft) -> QueueError | None:
+    try:
+        d.sync_message()
+    except QueueError as e:
+        return e
+    return None
+
+
+def _sync_envelope(d: Draft, failed: QueueError | None) -> Injected | QueueError:
+    if failed is not None:
+        return failed
+    try:
+        return d.sync_envelope()
+    except QueueError as e:
+        return e

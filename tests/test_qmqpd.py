@@ -391,11 +391,11 @@ def test_sessions_finishing_together_are_committed_together(root, monkeypatch):
     groups: list[int] = []
     real = committer.commit_group
 
-    def slow_first(drafts):
+    def slow_first(drafts, *each):
         groups.append(len(drafts))
         if len(groups) <= committer.THREADS:
             time.sleep(0.5)  # every thread busy: meanwhile the other sessions finish
-        return real(drafts)
+        return real(drafts, *each)
 
 
     monkeypatch.setattr(committer, "commit_group", slow_first)
@@ -425,9 +425,9 @@ def test_sessions_finished_in_one_turn_of_the_loop_are_handed_over_at_once(root,
     groups: list[int] = []
     real = committer.commit_group
 
-    def record(drafts):
+    def record(drafts, *each):
         groups.append(len(drafts))
-        return real(drafts)
+        return real(drafts, *each)
 
     puts: list = []
 
@@ -453,8 +453,49 @@ def test_sessions_finished_in_one_turn_of_the_loop_are_handed_over_at_once(root,
 
     answers = evloop.run(main())
     assert all(a.startswith("Kok ") for a in answers)
-    assert [len(p) for p in puts if p is not None] == [5] and groups == [5]
+    assert [len(p) for p in puts if isinstance(p, list)] == [5] and groups == [5]  # not the fsync pool's
     assert len(q.todo_ids()) == 5
+
+
+def test_the_fsyncs_of_a_group_wait_side_by_side(root, monkeypatch):
+    """Concurrent fsyncs share the disk's cache flushes: a group's messages are synced
+    at once, not one after another, and each still gets its own answer."""
+    import threading
+
+    from smarthost import committer
+
+    lock = threading.Lock()
+    inflight = most = 0
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        nonlocal inflight, most
+        with lock:
+            inflight += 1
+            most = max(most, inflight)
+        try:
+            time.sleep(0.05)
+            return real_fsync(fd)
+        finally:
+            with lock:
+                inflight -= 1
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    q = Queue(root.queue_dir)
+
+    async def main():
+        c = committer.Committer(asyncio.get_running_loop())
+        futures = [c.finish(QueueSink(q.draft, b"Received: test\n"), [b"Subject: %d\n\nx\n" % i],
+                            Request(b"a@b", (b"c@d",), 5)) for i in range(4)]
+        answers = await asyncio.gather(*futures)
+        c.close()
+        return answers
+
+    answers = evloop.run(main())
+    assert all(a.startswith("Kok ") for a in answers)
+    assert most == 4   # the four messages' fsyncs waited together
+    assert sorted(open(q.mess(n), "rb").read() for n in q.todo_ids()) == [
+        b"Received: test\nSubject: %d\n\nx\n" % i for i in range(4)]
 
 
 def test_a_session_that_breaks_in_a_group_breaks_alone(root, monkeypatch):
@@ -468,11 +509,11 @@ def test_a_session_that_breaks_in_a_group_breaks_alone(root, monkeypatch):
             raise RuntimeError("a bug in one session")
         return real_stage(self, event)
 
-    def slow_first(drafts):
+    def slow_first(drafts, *each):
         groups.append(len(drafts))
         if len(groups) <= committer.THREADS:
             time.sleep(0.5)
-        return real_group(drafts)
+        return real_group(drafts, *each)
 
     monkeypatch.setattr(qmqp_session.QueueSink, "stage", stage)
     monkeypatch.setattr(committer, "commit_group", slow_first)
@@ -523,9 +564,9 @@ def test_a_session_cancelled_during_its_commit_still_wakes_the_scheduler(root, m
 
     real = committer.commit_group
 
-    def slow(drafts):
+    def slow(drafts, *each):
         time.sleep(0.5)
-        return real(drafts)
+        return real(drafts, *each)
 
     monkeypatch.setattr(committer, "commit_group", slow)
     fd = trigger_reader(root)

@@ -293,7 +293,11 @@ def test_filesystem_type_reads_the_mount_table(tmp_path):
     assert q.file_fsync_covers_links == (kind in FSYNC_COVERS_LINKS)
 
 
-def test_commit_group_commits_each_and_keeps_a_failure_to_itself(q):
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["in-turn", "side-by-side"])
+def test_commit_group_commits_each_and_keeps_a_failure_to_itself(q, side_by_side):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(4)
     drafts = [q.draft() for _ in range(4)]
     for i, d in enumerate(drafts):
         d.write(b"Subject: %d\n\nx\n" % i)
@@ -303,10 +307,11 @@ def test_commit_group_commits_each_and_keeps_a_failure_to_itself(q):
         pass
     fd = os.open(q.trigger, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        got = commit_group(drafts)
+        got = commit_group(drafts, pool.map) if side_by_side else commit_group(drafts)
         assert os.read(fd, 10) == b""  # nothing: the caller pokes, once it has answered
     finally:
         os.close(fd)
+        pool.shutdown()
     assert isinstance(got[2], QueueError) and got[2].exit_code == QQ.TODO
     for d in drafts:
         d.close()
