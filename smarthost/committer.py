@@ -57,9 +57,7 @@ def _finish_all(jobs: list[_Job], each: Callable = map) -> list[str | BaseExcept
         if text is None:
             staged.append(i)
     drafts = [jobs[i][0].draft for i in staged]
-    # A group of one gains nothing from the pool but a trip to another thread.
-    results = commit_group(drafts, each) if len(drafts) > 1 else commit_group(drafts)  # type: ignore[arg-type]
-    for i, result in zip(staged, results):
+    for i, result in zip(staged, commit_group(drafts, each)):  # type: ignore[arg-type]
         out[i] = jobs[i][0].settle(result if isinstance(result, QueueError) else None)
     return out  # type: ignore[return-value]
 
@@ -113,11 +111,11 @@ class Committer:
 
     def _side_by_side(self, step: Callable, *columns: Iterable) -> list:
         """map(step, *columns), the calls at once: the first in this thread, the rest in
-        the pool (a group of two wakes one pool thread, not two)."""
+        the pool (a group of one never leaves this thread; a group of two wakes one
+        pool thread, not two)."""
         calls = list(zip(*columns))
-        rest = [self._fsyncs.submit(step, *args) for args in calls[1:]]
-        first = step(*calls[0]) if calls else None
-        return ([first] if calls else []) + [f.result() for f in rest]
+        others = [self._fsyncs.submit(step, *args) for args in calls[1:]]
+        return [step(*args) for args in calls[:1]] + [f.result() for f in others]
 
     def _run(self) -> None:
         while True:
