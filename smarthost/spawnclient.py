@@ -33,6 +33,8 @@ REUSE = 1000
 #: seconds a child that has reported waits for another delivery
 IDLE = 2.0
 CRASHED = "ZDelivery process crashed. (#4.3.0)"
+#: seconds a new spawner has to say it is ready (it loads the delivery code and warms up)
+START_TIMEOUT = 30.0
 
 
 class Child:
@@ -70,10 +72,12 @@ class LocalSpawner:
 
     # -- the spawner ------------------------------------------------------------
     async def start(self) -> None:
+        """A new spawner, ready once it says so; one that stays silent for START_TIMEOUT,
+        says something else or dies first is killed, and this raises."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "smarthost.lspawn", self.root.path,
                 stdin=theirs.fileno(), stdout=asyncio.subprocess.DEVNULL)
         except BaseException:
@@ -83,16 +87,23 @@ class LocalSpawner:
             theirs.close()
         ours.setblocking(False)
         try:
-            hello = await loop.sock_recv(ours, 1)
+            try:
+                async with asyncio.timeout(START_TIMEOUT):
+                    hello = await loop.sock_recv(ours, 1)
+            except TimeoutError:
+                raise RuntimeError(f"local delivery spawner silent for {START_TIMEOUT:g} s") from None
+            if hello != b"+":
+                raise RuntimeError("local delivery spawner did not start")
         except BaseException:
             ours.close()
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+            await proc.wait()
             raise
-        if hello != b"+":
-            ours.close()
-            raise RuntimeError("local delivery spawner did not start")
-        self.sock = ours
-        self.alive = True
-        loop.add_reader(ours.fileno(), self._spawner_said, ours, self.proc)
+        self.proc, self.sock, self.alive = proc, ours, True
+        loop.add_reader(ours.fileno(), self._spawner_said, ours, proc)
 
     def _spawner_said(self, sock: socket.socket, proc: asyncio.subprocess.Process) -> None:
         """The spawner never writes after its hello: anything readable is its end."""
@@ -106,6 +117,7 @@ class LocalSpawner:
         self._lost(sock, proc)
 
     def _lost(self, sock: socket.socket, proc: asyncio.subprocess.Process | None) -> None:
+        """Done with a spawner's socket; reap `proc` in the background, if given."""
         loop = asyncio.get_running_loop()
         loop.remove_reader(sock.fileno())
         sock.close()
@@ -259,9 +271,7 @@ class LocalSpawner:
             self._sweep.cancel()
             self._sweep = None
         if self.sock is not None:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock, self.alive = None, False
+            self._lost(self.sock, None)  # its end of file tells the spawner to go
         if self.proc is not None:
             try:
                 await asyncio.wait_for(self.proc.wait(), 30)

@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -285,3 +286,103 @@ def test_in_system_mode_a_child_serves_one_user_as_that_user(root, messid):
     finally:
         for path, mode in changed:
             os.chmod(path, mode)
+
+
+@pytest.mark.parametrize("script", ["exec sleep 60", "printf x >&0; exec sleep 60", "exit 0"],
+                         ids=["silent", "wrong-hello", "dies-at-once"])
+def test_a_spawner_that_does_not_start_is_killed_and_the_delivery_deferred(root, messid, tmp_path,
+                                                                          monkeypatch, script):
+    """A spawner must say `+` within START_TIMEOUT; otherwise it is killed, and
+    deliver() raises (run_delivery defers the delivery) instead of waiting for ever."""
+    from smarthost import spawnclient
+
+    fake = tmp_path / "fake-python"
+    pidfile = tmp_path / "pid"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(spawnclient, "START_TIMEOUT", 1.0)
+    monkeypatch.setattr(spawnclient.sys, "executable", str(fake))
+
+    async def scenario():
+        sp = LocalSpawner(root)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="spawner"):
+            await sp.deliver(messid, "a@b.example", "example@mx.test.invalid")
+        assert time.monotonic() - started < 10
+        assert not sp.alive and sp.proc is None and sp.sock is None
+    evloop.run(scenario())
+    assert gone(int(pidfile.read_text()))   # killed, and reaped
+
+
+class RawSpawner:
+    """smarthost.lspawn over its socket, driven by hand: what the scheduler's side never sends."""
+
+    def __init__(self, root):
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, "-m", "smarthost.lspawn", root.path], stdin=theirs)
+        theirs.close()
+        self.sock.settimeout(20)
+        assert self.sock.recv(1) == b"+"
+
+    def send(self, data: bytes, fds: list[int]) -> None:
+        socket.send_fds(self.sock, [data], fds)
+
+    def child(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.send(b"F", [theirs.fileno()])
+        theirs.close()
+        ours.settimeout(20)
+        return ours
+
+    def close(self) -> int:
+        self.sock.close()
+        return self.proc.wait(20)
+
+
+def test_the_spawner_forks_only_for_one_socket_sent_with_f(root):
+    """Anything but `F` with exactly one descriptor forks nothing; the descriptors
+    are closed (their far ends see end of file) and the spawner goes on."""
+    sp = RawSpawner(root)
+    try:
+        for data, count in ((b"X", 1), (b"F", 0), (b"F", 2), (b"FF", 1)):
+            pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(count)]
+            sp.send(data, [theirs.fileno() for _, theirs in pairs])
+            for ours, theirs in pairs:
+                theirs.close()
+                ours.settimeout(20)
+                assert ours.recv(10) == b""   # nobody holds the other end
+                ours.close()
+        assert children_of(sp.proc.pid) == []
+        chan = sp.child()   # still serving
+        chan.close()
+    finally:
+        assert sp.close() == 0
+
+
+def test_a_child_answers_a_mangled_request_and_serves_on(root, home, messid):
+    """A request is `MESSID NUL SENDER NUL RECIPIENT`, at most REQUEST_MAX bytes, with at
+    most one descriptor: anything else gets qmail-local's temporary failure, not a crash;
+    and a child whose scheduler closes its end exits."""
+    from smarthost.lspawn import REQUEST_MAX
+
+    sp = RawSpawner(root)
+    try:
+        chan = sp.child()
+        spare = [socket.socketpair() for _ in range(2)]
+        mangled = [(b"garbage", []), (b"x\0a@b.example\0example@mx.test.invalid", []),
+                   (b"%d\0a@b.example" % messid, []), (b"%d\0a@b.example\0" % messid + b"e" * REQUEST_MAX, []),
+                   (b"%d\0a@b.example\0example@mx.test.invalid" % messid, [s.fileno() for s, _ in spare])]
+        for data, fds in mangled:
+            socket.send_fds(chan, [data], fds) if fds else chan.send(data)
+            assert chan.recv(20000) == b"111\0Delivery request mangled. (#4.3.0)"
+        for sent, theirs in spare:   # the child closed what it was sent
+            sent.close()
+            theirs.settimeout(20)
+            assert theirs.recv(10) == b""
+        chan.send(b"%d\0a@b.example\0example-pid@mx.test.invalid" % messid)
+        assert chan.recv(20000).startswith(b"0\0did 0+0+1\n")
+        [child] = pids(home)
+        chan.close()
+        wait_gone(child)
+    finally:
+        assert sp.close() == 0
