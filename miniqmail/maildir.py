@@ -5,7 +5,8 @@ crash at any instant harmless: create the file in `tmp/`, write, fsync and close
 (checking both: NFS reports write errors at close), link it into `new/NAME`, then
 fsync `new/` so the link itself survives a crash (qmail and CPython's mailbox.py
 skip that last step). Any failure removes what was made and raises MaildirError:
-the caller defers and nothing half-written is ever seen.
+the caller defers and nothing half-written is ever seen. A caller may take that
+last fsync upon itself (deliver's `sync`), to do it once for many deliveries.
 
 Where the system can (Linux's O_TMPFILE, with /proc to link it), the file in
 `tmp/` has no name until it is linked into `new/`: it cannot collide, a crash
@@ -26,7 +27,7 @@ import os
 import socket
 import stat
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from miniqmail.mailbox_error import MailboxError
 from miniqmail.fdio import why, write_all
@@ -49,6 +50,10 @@ _self_fd: bool | None = None  # can an unnamed file be linked by its /proc/self/
 # linkat(2) through /proc/self/fd refused, though a named file would do: this
 # /proc cannot link (a restricted or odd one); the process stops trying.
 _NO_PROC_LINK = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR}
+
+
+#: Makes a new/ link durable, given new/'s open descriptor (valid only during the call).
+Sync = Callable[[int], None]
 
 
 class _ProcCannotLink(Exception):
@@ -174,20 +179,28 @@ def _publish(tmp: str, new: str) -> None:
         pass  # the message is already in new/; a stray tmp file is swept after 36 hours
 
 
-def _sync_dir(path: str, new: str, dfd: int | None = None) -> None:
-    """fsync directory `path` (or its open descriptor `dfd`); on failure withdraw `new`."""
+def fsync_dir(dfd: int) -> None:
+    """fsync an open directory; a filesystem that cannot sync directories needs nothing more."""
+    try:
+        os.fsync(dfd)
+    except OSError as e:
+        if e.errno not in _NO_DIRSYNC:
+            raise
+
+
+def _sync_dir(path: str, new: str, dfd: int | None = None, sync: Sync | None = None) -> None:
+    """Make the link `new` in directory `path` durable: `sync` (fsync_dir by default) with
+    an open descriptor of `path` (`dfd`, else opened here); on failure withdraw `new`."""
     try:
         if dfd is not None:
-            os.fsync(dfd)
+            (sync or fsync_dir)(dfd)
             return
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(dfd)
+            (sync or fsync_dir)(dfd)
         finally:
             os.close(dfd)
     except OSError as e:
-        if e.errno in _NO_DIRSYNC:
-            return
         # Not known to be durable: withdraw it so the deferral does not become a duplicate.
         try:
             os.unlink(new)
@@ -215,7 +228,7 @@ def _create_unnamed(maildir: str) -> int | None:
         raise MaildirError(f"unable to create a file in {tmp}: {why(e)}", tmp, e) from None
 
 
-def _deliver_unnamed(maildir: str, fd: int, source: BinaryIO, prefix: bytes) -> str:
+def _deliver_unnamed(maildir: str, fd: int, source: BinaryIO, prefix: bytes, sync: Sync | None) -> str:
     """Write and sync the unnamed file `fd`, then link it into new/ under a fresh name
     and sync new/. On failure nothing is left: an unnamed file vanishes with its last
     descriptor, which the caller closes."""
@@ -240,17 +253,20 @@ def _deliver_unnamed(maildir: str, fd: int, source: BinaryIO, prefix: bytes) -> 
                 if e.errno in _NO_PROC_LINK and os.path.isdir(newdir):
                     raise _ProcCannotLink() from None
                 raise MaildirError(f"unable to link into {newdir}: {why(e)}", newdir, e) from None
-        _sync_dir(newdir, os.path.join(newdir, name), dfd)
+        _sync_dir(newdir, os.path.join(newdir, name), dfd, sync)
     finally:
         os.close(dfd)
     return name
 
 
-def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
+def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"", sync: Sync | None = None) -> str:
     """Write `prefix` then `source` (from its current position) into `maildir`; return NAME.
 
     The message is streamed in CHUNK-sized pieces, never held whole. Raises
     MaildirError (an OSError) on any failure, with no file left in tmp/ or new/.
+    `sync` makes the new/ link durable (default: fsync_dir, here and now); a
+    caller that fsyncs new/ later, once for many deliveries, passes its own and
+    must not count the message delivered before then.
     """
     global _self_fd
     _check_dir(maildir)
@@ -258,23 +274,23 @@ def deliver(maildir: str, source: BinaryIO, prefix: bytes = b"") -> str:
     if fd is not None:
         try:
             try:
-                return _deliver_unnamed(maildir, fd, source, prefix)
+                return _deliver_unnamed(maildir, fd, source, prefix, sync)
             except _ProcCannotLink:
                 # Written and synced, but it cannot be given a name: copy it into
                 # qmail's named tmp/ file, as every later delivery of this process will.
                 _self_fd = False
                 os.lseek(fd, 0, os.SEEK_SET)
                 with open(fd, "rb", closefd=False) as written:
-                    return _deliver_named(maildir, written, b"")
+                    return _deliver_named(maildir, written, b"", sync)
         finally:
             try:
                 os.close(fd)
             except OSError:
                 pass  # after its fsync (O_TMPFILE means a local filesystem), nothing to lose
-    return _deliver_named(maildir, source, prefix)
+    return _deliver_named(maildir, source, prefix, sync)
 
 
-def _deliver_named(maildir: str, source: BinaryIO, prefix: bytes) -> str:
+def _deliver_named(maildir: str, source: BinaryIO, prefix: bytes, sync: Sync | None) -> str:
     """qmail's way: tmp/NAME created exclusively, written, synced, linked into new/."""
     name, tmp, fd = _create_tmp(maildir)
     new = os.path.join(maildir, "new", name)
@@ -292,7 +308,7 @@ def _deliver_named(maildir: str, source: BinaryIO, prefix: bytes) -> str:
         except OSError as e:
             raise MaildirError(f"unable to write {tmp}: {why(e)}", tmp, e) from None
         _publish(tmp, new)
-        _sync_dir(os.path.join(maildir, "new"), new)
+        _sync_dir(os.path.join(maildir, "new"), new, sync=sync)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -78,10 +78,11 @@ def _save_cwd() -> int | None:
 
 
 class _Delivery:
-    def __init__(self, req: LocalRequest, fd: int, inject: Inject):
+    def __init__(self, req: LocalRequest, fd: int, inject: Inject, sync_new: maildir.Sync | None = None):
         self.req = req
         self.fd = fd
         self.inject = inject
+        self.sync_new = sync_new
         self.started = time.time()
         self.output = bytearray()
         self.counts = [0, 0, 0]  # file, forward, program lines, as in `did F+W+P`
@@ -227,7 +228,7 @@ class _Delivery:
     def _maildir(self, path: str) -> None:
         with self._reader() as f:
             try:
-                maildir.deliver(path, f, prefix=self.rpline + self.dtline)
+                maildir.deliver(path, f, prefix=self.rpline + self.dtline, sync=self.sync_new)
             except maildir.MaildirMissing:
                 raise TemporaryError("Unable to chdir to maildir. (#4.2.1)") from None
             except maildir.MaildirReadError:
@@ -322,13 +323,15 @@ def _message_fd(message: BinaryIO) -> Iterator[int]:
     yield fd
 
 
-def deliver(req: LocalRequest, message: BinaryIO, inject: Inject) -> LocalResult:
+def deliver(req: LocalRequest, message: BinaryIO, inject: Inject,
+            sync_new: maildir.Sync | None = None) -> LocalResult:
     """Deliver `message` to one local recipient; never raises (Exception becomes 111).
 
     `inject(prefix, message, newsender, recipients)` queues the forwarded copy
     (`prefix` is the Delivered-To line, `message` is at offset 0) and returns
     (qmail-queue exit code, text): on success the text is the queue's id for
     `qp`; otherwise a reason without a D/Z letter (empty: qmail.c's wording).
+    `sync_new` is maildir.deliver's `sync` for every maildir line.
     """
     if not req.local:
         return LocalResult(0, "did 0+0+0\n")  # qmail-lspawn: nothing to deliver to
@@ -342,7 +345,7 @@ def deliver(req: LocalRequest, message: BinaryIO, inject: Inject) -> LocalResult
         except OSError as e:
             raise TemporaryError(f"Unable to switch to {req.home}: {why(e)}. (#4.3.0)") from None
         with _message_fd(message) as fd:
-            delivery = _Delivery(req, fd, inject)
+            delivery = _Delivery(req, fd, inject, sync_new)
             return LocalResult(0, delivery.compose(delivery.run()))
     except SmarthostError as e:
         text = delivery.compose(e.text) if delivery else e.text + "\n"

@@ -22,6 +22,13 @@ message on fd 0: a child that has switched to its user could not open the queue.
 The report is `CODE NUL TEXT`, qmail-local's exit code and output; the scheduler
 maps the code to K, Z or D as qmail-lspawn does (letter_for). A child exits when
 the scheduler closes its end.
+
+A child does not fsync the `new/` directories it links messages into: the report
+carries their descriptors (up to NEW_DIRS_MAX, beyond that the child syncs
+itself), and the scheduler counts it only once it has fsynced each directory, one
+fsync for all the deliveries of a turn (spawnclient.NewDirSync). A child is free
+for the next delivery meanwhile, and ten children delivering to one Maildir no
+longer fsync its new/ ten times.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import socket
 import sys
 from typing import BinaryIO
 
+from miniqmail import maildir
 from smarthost import local, users
 from smarthost.chain import Chain
 from smarthost.queue import Queue, invoked_by_uid, received_line
@@ -49,6 +57,8 @@ DEATH = 86400
 TEMP_CODES = (111, 71, 74, 75)
 #: deliveries into a scratch Maildir before the first fork (see Spawner.warm_up)
 WARM_UP_ROUNDS = 20
+#: new/ directories one report hands the scheduler to fsync at most
+NEW_DIRS_MAX = 16
 
 
 def letter_for(code: int) -> str:
@@ -98,7 +108,8 @@ class Spawner:
             return 0, f"qp {done.qp}"
         return inject
 
-    def deliver(self, messid: int, fd: int, sender: str, recipient: str) -> tuple[int, str]:
+    def deliver(self, messid: int, fd: int, sender: str, recipient: str,
+                sync_new: maildir.Sync | None = None) -> tuple[int, str]:
         """Runs in the child: one delivery, returned as qmail-local's (exit code, report).
 
         In system mode the message comes open (fd), from the scheduler, as
@@ -116,10 +127,10 @@ class Spawner:
                 user = users.resolve(self.root.path, localpart, system_mode=self.system_mode)
             except Exception as e:
                 return 111, f"Unable to find the user for {localpart}: {e} (#4.3.0)"
-            return self._deliver_as(user, localpart, domain, sender, message)
+            return self._deliver_as(user, localpart, domain, sender, message, sync_new)
 
     def _deliver_as(self, user: users.UserEntry, localpart: str, domain: str, sender: str,
-                    message: BinaryIO) -> tuple[int, str]:
+                    message: BinaryIO, sync_new: maildir.Sync | None) -> tuple[int, str]:
         if self.system_mode:
             if user.uid == 0:
                 return 111, "Refusing to deliver as root. (#4.3.0)"
@@ -136,7 +147,7 @@ class Spawner:
         req = local.LocalRequest(user=user.user, uid=user.uid, gid=user.gid, home=user.home,
                                  local=localpart, dash=user.dash, ext=user.ext, domain=domain,
                                  sender=sender, defaultdelivery=self.defaultdelivery, env=self.env)
-        res = local.deliver(req, message, self.inject_forward(user.uid))
+        res = local.deliver(req, message, self.inject_forward(user.uid), sync_new)
         return res.code, res.text
 
     def worker(self, chan: socket.socket) -> None:
@@ -145,6 +156,15 @@ class Spawner:
         try:
             for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGALRM):
                 signal.signal(sig, signal.SIG_DFL)  # as programs run by a delivery expect them
+            new_dirs: list[int] = []
+
+            def hand_over(dfd: int) -> None:
+                """maildir's sync: the scheduler fsyncs new/ (see the module's docstring)."""
+                if len(new_dirs) < NEW_DIRS_MAX:
+                    new_dirs.append(os.dup(dfd))  # close-on-exec: no program run later sees it
+                else:
+                    maildir.fsync_dir(dfd)
+
             while True:
                 data, fds, truncated = receive(chan, REQUEST_MAX)
                 if not data and not fds:
@@ -159,11 +179,19 @@ class Spawner:
                     try:
                         code, text = self.deliver(int(fields[0]), fds[0] if fds else -1,
                                                   fields[1].decode("utf-8", "surrogateescape"),
-                                                  fields[2].decode("utf-8", "surrogateescape"))
+                                                  fields[2].decode("utf-8", "surrogateescape"),
+                                                  hand_over)
                     except Exception as e:
                         code, text = 111, f"Delivery failed unexpectedly: {type(e).__name__}. (#4.3.0)"
                     signal.alarm(0)
-                chan.sendall(f"{code}\0{clean_text(text)}".encode("utf-8", "surrogateescape"))
+                report = f"{code}\0{clean_text(text)}".encode("utf-8", "surrogateescape")
+                try:
+                    chan.sendmsg([report], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             array.array("i", new_dirs))] if new_dirs else [])
+                finally:
+                    for fd in new_dirs:
+                        os.close(fd)
+                    new_dirs.clear()
         finally:
             os._exit(0)
 

@@ -8,6 +8,9 @@ Here live the pool's rules, after Postfix's local(8): a child that has reported
 waits up to IDLE seconds for another delivery of the same user and serves at
 most REUSE.
 
+A child's report counts only once the new/ directories it carries are fsynced
+(NewDirSync): one fsync a directory for all the reports that arrived meanwhile.
+
 Kept apart from smarthost.lspawn on purpose: this side needs asyncio, and the
 spawner must not import it (its at-fork hooks would run in every delivery child).
 """
@@ -19,10 +22,12 @@ import asyncio
 import os
 import socket
 import sys
+from typing import Callable
 
+from miniqmail import maildir
 from miniqmail.fdio import why
 from smarthost import users
-from smarthost.lspawn import RESULT_LIMIT, clean_text, letter_for
+from smarthost.lspawn import NEW_DIRS_MAX, RESULT_LIMIT, clean_text, letter_for
 from smarthost.queue import Queue
 from smarthost.root import Root
 
@@ -37,6 +42,80 @@ CRASHED = "ZDelivery process crashed. (#4.3.0)"
 START_TIMEOUT = 30.0
 
 
+class NewDirSync:
+    """fsyncs the new/ directories delivery children linked messages into, in turns:
+    while one turn's fsyncs run (in a thread), the reports that arrive wait for the
+    next, which fsyncs each directory once for all of them (group commit across
+    children). A report's `done(error)` runs once its directories are durable, or
+    with the error that kept one from being so."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[list[int], Callable[[str | None], None]]] = []
+        self.turns: asyncio.Task | None = None
+
+    def add(self, fds: list[int], done: Callable[[str | None], None]) -> None:
+        """Take `fds` (this closes them) and call `done` when they are synced."""
+        self.waiting.append((fds, done))
+        if self.turns is None:
+            self.turns = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.waiting:
+                turn, self.waiting = self.waiting, []
+                try:
+                    errors = await loop.run_in_executor(None, sync_dirs, [fds for fds, _ in turn])
+                except Exception as e:  # the thread could not even start
+                    errors = [f"{type(e).__name__}: {e}"] * len(turn)
+                for (_, done), error in zip(turn, errors):
+                    done(error)
+        finally:
+            self.turns = None
+            for fds, done in self.waiting:  # cancelled (the loop is closing): nothing synced
+                _close(fds)
+                done("the scheduler stopped")
+            self.waiting = []
+
+
+def sync_dirs(reports: list[list[int]]) -> list[str | None]:
+    """fsync each directory the descriptors of `reports` name, once however many name
+    it; close them all. For each report: None, or why one of its directories failed."""
+    try:
+        failed: dict[tuple[int, int], str | None] = {}
+        keys: list[list[tuple[int, int]]] = []
+        for fds in reports:
+            mine = []
+            for fd in fds:
+                try:
+                    st = os.fstat(fd)
+                except OSError as e:
+                    mine.append((-1, fd))
+                    failed[(-1, fd)] = why(e)
+                    continue
+                key = (st.st_dev, st.st_ino)
+                mine.append(key)
+                if key not in failed:
+                    try:
+                        maildir.fsync_dir(fd)
+                        failed[key] = None
+                    except OSError as e:
+                        failed[key] = why(e)
+            keys.append(mine)
+        return [next((failed[k] for k in mine if failed[k] is not None), None) for mine in keys]
+    finally:
+        for fds in reports:
+            _close(fds)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class Child:
     """A delivery child as the scheduler sees it: our end of its socket, and what it is doing."""
 
@@ -47,6 +126,26 @@ class Child:
         self.served = 0
         self.fut: asyncio.Future | None = None   # the delivery it is on
         self.idle_since = 0.0
+
+
+_ANC_SPACE = socket.CMSG_SPACE(NEW_DIRS_MAX * array.array("i").itemsize)
+
+
+def _fds(ancdata: list) -> list[int]:
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
+
+
+def _settle(fut: asyncio.Future, report: str, error: str | None) -> None:
+    """A child's report, once its new/ directories are synced; a success whose
+    directory could not be synced is not known to be durable: it is deferred."""
+    if error is not None and report[:1] == "K":
+        report = f"ZUnable to sync the maildir: {error}. (#4.3.0)"
+    if not fut.done():
+        fut.set_result(report)
 
 
 class LocalSpawner:
@@ -69,6 +168,7 @@ class LocalSpawner:
         self.idle: dict[object, list[Child]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._restart = asyncio.Lock()   # one new spawner, however many deliveries find it dead
+        self.new_dirs = NewDirSync()
 
     # -- the spawner ------------------------------------------------------------
     async def start(self) -> None:
@@ -209,19 +309,24 @@ class LocalSpawner:
 
     def _readable(self, child: Child) -> None:
         try:
-            data, _, flags, _ = child.sock.recvmsg(RESULT_LIMIT)
+            data, anc, flags, _ = child.sock.recvmsg(RESULT_LIMIT, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
-            data, flags = b"", 0
+            data, anc, flags = b"", [], 0
+        fds = _fds(anc)
         code_s, sep, text = data.partition(b"\0")
         if (not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or child.fut is None
                 or not sep or not code_s.lstrip(b"-").isdigit()):
+            _close(fds)
             self._drop(child)  # its end of file, or it broke the protocol: it gets no more work
             return
         fut, child.fut = child.fut, None
-        if not fut.done():
-            fut.set_result(letter_for(int(code_s)) + clean_text(text.decode("utf-8", "surrogateescape")))
+        report = letter_for(int(code_s)) + clean_text(text.decode("utf-8", "surrogateescape"))
+        if fds:
+            self.new_dirs.add(fds, lambda error: _settle(fut, report, error))
+        else:
+            _settle(fut, report, None)
         if child.served >= REUSE or self.closing:
             self._drop(child)
             return

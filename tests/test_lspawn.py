@@ -386,3 +386,142 @@ def test_a_child_answers_a_mangled_request_and_serves_on(root, home, messid):
         wait_gone(child)
     finally:
         assert sp.close() == 0
+
+
+def test_a_child_hands_the_new_directories_it_linked_into_to_the_scheduler(root, home, messid):
+    """A report carries the descriptor of each new/ a message was linked into, up to
+    NEW_DIRS_MAX; the child fsyncs any beyond that itself. Each maildir line delivered."""
+    from miniqmail import maildir
+    from smarthost import spawnclient
+    from smarthost.lspawn import NEW_DIRS_MAX, receive
+
+    boxes = [f"M{i}" for i in range(NEW_DIRS_MAX + 1)]
+    for box in boxes:
+        maildir.make(os.path.join(home, box))
+    with open(os.path.join(home, ".qmail-two"), "w") as f:
+        f.write("./M0/\n./M1/\n")
+    with open(os.path.join(home, ".qmail-many"), "w") as f:
+        f.write("".join(f"./{box}/\n" for box in boxes))
+
+    def new_dir(box):
+        st = os.stat(os.path.join(home, box, "new"))
+        return st.st_dev, st.st_ino
+
+    sp = RawSpawner(root)
+    try:
+        chan = sp.child()
+        for rcpt, lines in (("example-two", 2), ("example-many", len(boxes))):
+            chan.send(b"%d\0a@b.example\0%s@mx.test.invalid" % (messid, rcpt.encode()))
+            report, anc, flags, _ = chan.recvmsg(20000, socket.CMSG_SPACE(4 * 2 * NEW_DIRS_MAX))
+            fds = spawnclient._fds(anc)
+            got = []
+            for fd in fds:
+                st = os.fstat(fd)
+                got.append((st.st_dev, st.st_ino))
+                os.close(fd)
+            assert report == b"0\0did %d+0+0\n" % lines
+            assert not flags & socket.MSG_CTRUNC
+            assert got == [new_dir(box) for box in boxes[:min(lines, NEW_DIRS_MAX)]]
+        for box in boxes:   # two messages in M0 and M1, one elsewhere
+            assert len(os.listdir(os.path.join(home, box, "new"))) == (2 if box in boxes[:2] else 1)
+        chan.send(b"%d\0a@b.example\0example-pid@mx.test.invalid" % messid)
+        report, fds, _ = receive(chan, 20000)
+        assert report.startswith(b"0\0did 0+0+1\n") and fds == []   # no maildir, nothing to sync
+        chan.close()
+    finally:
+        assert sp.close() == 0
+
+
+class GatedFsync:
+    """Stands for maildir.fsync_dir in the scheduler's process: records which directory
+    each call syncs, holds the first until released, and fails while `error` is set."""
+
+    def __init__(self, real):
+        import threading
+
+        self.real = real
+        self.calls: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.error: OSError | None = None
+
+    def __call__(self, fd: int) -> None:
+        st = os.fstat(fd)
+        self.calls.append((st.st_dev, st.st_ino))
+        self.gate.wait(20)
+        if self.error is not None:
+            raise self.error
+        self.real(fd)
+
+
+def test_a_delivery_counts_only_once_the_scheduler_has_synced_new_once_for_many(root, home, messid,
+                                                                                monkeypatch):
+    """Six children link their messages into one new/: none is reported delivered while
+    new/'s fsync is held, and one or two fsyncs (turns) cover all six."""
+    from smarthost import spawnclient
+
+    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
+    monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
+    new = os.path.join(home, "Maildir", "new")
+
+    async def scenario(sp):
+        tasks = [asyncio.ensure_future(sp.deliver(messid, "a@b.example", "example@mx.test.invalid"))
+                 for _ in range(6)]
+        deadline = time.monotonic() + 20
+        while len(os.listdir(new)) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(os.listdir(new)) == 6
+        await asyncio.sleep(0.2)
+        assert fsync.calls and not any(t.done() for t in tasks)
+        fsync.gate.set()
+        results = await asyncio.gather(*tasks)
+        assert results == [("K", "did 1+0+0\n")] * 6, results
+        here = os.stat(new)
+        assert set(fsync.calls) == {(here.st_dev, here.st_ino)}
+        assert 1 <= len(fsync.calls) <= 2
+    run(root, scenario)
+
+
+def test_a_delivery_whose_new_cannot_be_synced_is_deferred(root, home, messid, monkeypatch):
+    """An fsync of new/ that fails leaves the delivery not known to be durable: Z, retried later."""
+    from smarthost import spawnclient
+
+    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
+    fsync.gate.set()
+    fsync.error = OSError(5, "Input/output error")
+    monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
+
+    async def scenario(sp):
+        letter, text = await sp.deliver(messid, "a@b.example", "example@mx.test.invalid")
+        assert (letter, text) == ("Z", "Unable to sync the maildir: Input/output error. (#4.3.0)")
+        fsync.error = None
+        assert await sp.deliver(messid, "a@b.example", "example@mx.test.invalid") == ("K", "did 1+0+0\n")
+    run(root, scenario)
+
+
+def test_sync_dirs_fsyncs_each_directory_once_and_closes_every_descriptor(tmp_path, monkeypatch):
+    from smarthost import spawnclient
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
+    fsync.gate.set()
+    monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
+
+    def fds(*dirs):
+        return [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in dirs]
+
+    reports = [fds(a), fds(a, b), fds(b), fds(a)]
+    opened = [fd for r in reports for fd in r]
+    assert spawnclient.sync_dirs(reports) == [None] * 4
+    assert sorted(fsync.calls) == sorted((os.stat(d).st_dev, os.stat(d).st_ino) for d in (a, b))
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+    fsync.calls.clear()
+    real = fsync.real
+    fsync.real = lambda fd: (_ for _ in ()).throw(OSError(5, "Input/output error")) \
+        if os.fstat(fd).st_ino == os.stat(b).st_ino else real(fd)
+    assert spawnclient.sync_dirs([fds(a), fds(a, b), fds(b)]) == [None, "Input/output error", "Input/output error"]
+    assert len(fsync.calls) == 2

@@ -360,3 +360,30 @@ def test_mbox_locked_times_out_and_is_untouched(tmp_path):
 def test_mbox_unopenable(tmp_path):
     with pytest.raises(mbox.MboxOpenError, match="Unable to open"):
         mbox.deliver(str(tmp_path / "no" / "such"), io.BytesIO(b"x\n"), sender="a@b")
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_maildir_sync_is_given_new_once_the_message_is_linked_there(tmp_path, monkeypatch, unnamed):
+    """A caller's `sync` replaces the fsync of new/: it gets new/'s descriptor after
+    the link, once; a `sync` that fails withdraws the message, as a failed fsync does."""
+    monkeypatch.setattr(maildir, "UNNAMED", unnamed and maildir.UNNAMED)
+    path = str(tmp_path / "M")
+    maildir.make(path)
+    new = os.path.join(path, "new")
+    calls = []
+
+    def sync(dfd):
+        st = os.fstat(dfd)
+        calls.append(((st.st_dev, st.st_ino), sorted(os.listdir(new))))
+
+    name = maildir.deliver(path, io.BytesIO(b"x\n"), sync=sync)
+    here = os.stat(new)
+    assert calls == [((here.st_dev, here.st_ino), [name])]
+
+    def broken(dfd):
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(maildir.MaildirError, match="unable to sync"):
+        maildir.deliver(path, io.BytesIO(b"y\n"), sync=broken)
+    assert os.listdir(new) == [name]
+    assert os.listdir(os.path.join(path, "tmp")) == []
