@@ -103,7 +103,8 @@ class Scheduler:
         self.messages: dict[int, Message] = {}
         self.due: list[tuple[float, int, str]] = []           # heap of (when, id, channel)
         self.ready: dict[str, deque] = {"local": deque(), "remote": deque()}
-        self.running = {"local": 0, "remote": 0}
+        self.running = {"local": 0, "remote": 0}   # delivery slots taken (concurrencylocal, ...)
+        self.in_flight = 0   # deliveries not yet recorded (a local one may hold no slot)
         self.passes: dict[tuple[int, str], tuple[float, bool]] = {}  # (id, chan) -> (next retry, expired)
         self.not_durable: deque[tuple[float, Message]] = deque()  # (preprocessed at, message)
         self.watching = False                 # make_durable() is running
@@ -311,6 +312,7 @@ class Scheduler:
                 else:
                     self.fresh.pop(msg.id, None)
                 self.running[chan] += 1
+                self.in_flight += 1
                 self.spawn(self.run_delivery(msg, chan, rcpts))
 
     async def run_delivery(self, msg: Message, chan: str, rcpts: list[Rcpt]) -> None:
@@ -322,16 +324,27 @@ class Scheduler:
             self.log(f"starting delivery {self.delivery_no}: msg {msg.id} to {chan} {safe(rcpt.addr)}")
         self.status()
         results: list[tuple[str, str]]
+        slot = [True]
+
+        def free_slot() -> None:
+            """The child is done; the rest is the scheduler's wait for new/ to be synced."""
+            if slot[0]:
+                slot[0] = False
+                self.running[chan] -= 1
+                self.poke()
+
         try:
             if chan == "local":
-                results = [await self.local.deliver(msg.id, msg.sender, rcpts[0].addr)]
+                results = [await self.local.deliver(msg.id, msg.sender, rcpts[0].addr, free_slot)]
             else:
                 results = list(await self.remote(msg, [r.addr for r in rcpts], self.queue.mess(msg.id)))
             if len(results) != len(rcpts):
                 raise ValueError("one report per recipient")
         except Exception as e:  # a delivery's edge: defer, keep the message
             results = [("Z", f"Delivery trouble: {type(e).__name__}. (#4.3.0)")] * len(rcpts)
-        self.running[chan] -= 1
+        if slot[0]:
+            self.running[chan] -= 1
+        self.in_flight -= 1
         next_retry, expired = self.passes.get((msg.id, chan), (0.0, False))
         ch = msg.channels[chan]
         for d, rcpt, (letter, text) in zip(numbers, rcpts, results):
@@ -511,7 +524,7 @@ class Scheduler:
                     last_cleanup = now
                     self.spawn(self.cleanup())
                 if self.stopping:
-                    if not any(self.running.values()):
+                    if not self.in_flight:
                         break
                 else:
                     if self.scan_due() or now - self.last_scan >= SCAN_INTERVAL:

@@ -46,18 +46,21 @@ class NewDirSync:
     """fsyncs the new/ directories delivery children linked messages into, in turns:
     while one turn's fsyncs run (in a thread), the reports that arrive wait for the
     next, which fsyncs each directory once for all of them (group commit across
-    children). A report's `done(error)` runs once its directories are durable, or
-    with the error that kept one from being so."""
+    children)."""
 
     def __init__(self) -> None:
-        self.waiting: list[tuple[list[int], Callable[[str | None], None]]] = []
+        self.waiting: list[tuple[list[int], asyncio.Future]] = []
         self.turns: asyncio.Task | None = None
 
-    def add(self, fds: list[int], done: Callable[[str | None], None]) -> None:
-        """Take `fds` (this closes them) and call `done` when they are synced."""
-        self.waiting.append((fds, done))
+    def sync(self, fds: list[int]) -> asyncio.Future:
+        """Take `fds` (they are closed here) and sync what they name: the future's
+        result is None once they are durable, or why one of them is not."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiting.append((fds, fut))
         if self.turns is None:
-            self.turns = asyncio.get_running_loop().create_task(self._run())
+            self.turns = loop.create_task(self._run())
+        return fut
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,15 +69,22 @@ class NewDirSync:
                 turn, self.waiting = self.waiting, []
                 try:
                     errors = await loop.run_in_executor(None, sync_dirs, [fds for fds, _ in turn])
-                except Exception as e:  # the thread could not even start
+                except asyncio.CancelledError:
+                    for _, fut in turn:  # the thread closes the descriptors
+                        fut.cancel()
+                    raise
+                except Exception as e:  # no thread to run it in
+                    for fds, _ in turn:
+                        _close(fds)
                     errors = [f"{type(e).__name__}: {e}"] * len(turn)
-                for (_, done), error in zip(turn, errors):
-                    done(error)
+                for (_, fut), error in zip(turn, errors):
+                    if not fut.done():
+                        fut.set_result(error)
         finally:
             self.turns = None
-            for fds, done in self.waiting:  # cancelled (the loop is closing): nothing synced
+            for fds, fut in self.waiting:  # cancelled (the loop is closing): nothing synced
                 _close(fds)
-                done("the scheduler stopped")
+                fut.cancel()
             self.waiting = []
 
 
@@ -137,15 +147,6 @@ def _fds(ancdata: list) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
     return list(fds)
-
-
-def _settle(fut: asyncio.Future, report: str, error: str | None) -> None:
-    """A child's report, once its new/ directories are synced; a success whose
-    directory could not be synced is not known to be durable: it is deferred."""
-    if error is not None and report[:1] == "K":
-        report = f"ZUnable to sync the maildir: {error}. (#4.3.0)"
-    if not fut.done():
-        fut.set_result(report)
 
 
 class LocalSpawner:
@@ -255,8 +256,12 @@ class LocalSpawner:
             return object()  # a child of its own, which reports the trouble
         return (user.uid, user.gid)
 
-    async def deliver(self, messid: int, sender: str, recipient: str) -> tuple[str, str]:
-        """One local delivery in a child: (K, Z or D, the report's text)."""
+    async def deliver(self, messid: int, sender: str, recipient: str,
+                      reported: Callable[[], None] | None = None) -> tuple[str, str]:
+        """One local delivery in a child: (K, Z or D, the report's text).
+
+        `reported` runs as soon as the child has reported, when the rest is the
+        scheduler's own wait for new/ (NewDirSync) and the child is free."""
         request = b"%d\0%s\0%s" % (messid, sender.encode("utf-8", "surrogateescape"),
                                     recipient.encode("utf-8", "surrogateescape"))
         fd = -1
@@ -274,7 +279,14 @@ class LocalSpawner:
             return CRASHED[:1], CRASHED[1:]
         child.served += 1
         child.fut = fut = asyncio.get_running_loop().create_future()
-        report = await fut
+        report, fds = await fut
+        if fds:
+            if reported is not None:
+                reported()
+            error = await self.new_dirs.sync(fds)
+            if error is not None and report[:1] == "K":
+                # Linked, but not known to be durable: deliver it again later.
+                report = f"ZUnable to sync the maildir: {error}. (#4.3.0)"
         return report[:1] or "Z", report[1:]
 
     async def _hand(self, fd: int, request: bytes, key: object) -> Child | None:
@@ -322,11 +334,10 @@ class LocalSpawner:
             self._drop(child)  # its end of file, or it broke the protocol: it gets no more work
             return
         fut, child.fut = child.fut, None
-        report = letter_for(int(code_s)) + clean_text(text.decode("utf-8", "surrogateescape"))
-        if fds:
-            self.new_dirs.add(fds, lambda error: _settle(fut, report, error))
+        if fut.done():  # its delivery was cancelled
+            _close(fds)
         else:
-            _settle(fut, report, None)
+            fut.set_result((letter_for(int(code_s)) + clean_text(text.decode("utf-8", "surrogateescape")), fds))
         if child.served >= REUSE or self.closing:
             self._drop(child)
             return
@@ -347,7 +358,7 @@ class LocalSpawner:
             idle.remove(child)
         fut, child.fut = child.fut, None
         if fut is not None and not fut.done():
-            fut.set_result(CRASHED)
+            fut.set_result((CRASHED, []))
 
     def _expire(self) -> None:
         """Retire the children idle for IDLE seconds; come back for the rest."""

@@ -154,3 +154,22 @@ async def run_scheduler_until(sched, out, marker: str, timeout: float = 20.0) ->
             break
     sched.on_term()
     await task
+
+
+class GatedFsync:
+    """Stands for maildir.fsync_dir in the scheduler's process: records which directory
+    each call syncs, holds every call until `gate` is set, and fails while `error` is set."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.error: OSError | None = None
+
+    def __call__(self, fd: int) -> None:
+        st = os.fstat(fd)
+        self.calls.append((st.st_dev, st.st_ino))
+        self.gate.wait(20)
+        if self.error is not None:
+            raise self.error
+        self.real(fd)

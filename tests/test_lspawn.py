@@ -17,6 +17,7 @@ import pytest
 
 from smarthost import evloop
 from smarthost.spawnclient import CRASHED, IDLE, REUSE, Child, LocalSpawner
+from tests.conftest import GatedFsync
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -233,7 +234,7 @@ def test_a_child_that_breaks_the_report_protocol_gets_no_more_work(root, garbage
             assert child not in sp.children and ours.fileno() == -1
             assert theirs.recv(10) == b""   # the child sees its end of file: it exits
             if asked:
-                assert fut.result() == CRASHED
+                assert fut.result() == (CRASHED, [])
         finally:
             theirs.close()
     evloop.run(scenario())
@@ -430,27 +431,6 @@ def test_a_child_hands_the_new_directories_it_linked_into_to_the_scheduler(root,
         chan.close()
     finally:
         assert sp.close() == 0
-
-
-class GatedFsync:
-    """Stands for maildir.fsync_dir in the scheduler's process: records which directory
-    each call syncs, holds the first until released, and fails while `error` is set."""
-
-    def __init__(self, real):
-        import threading
-
-        self.real = real
-        self.calls: list[tuple[int, int]] = []
-        self.gate = threading.Event()
-        self.error: OSError | None = None
-
-    def __call__(self, fd: int) -> None:
-        st = os.fstat(fd)
-        self.calls.append((st.st_dev, st.st_ino))
-        self.gate.wait(20)
-        if self.error is not None:
-            raise self.error
-        self.real(fd)
 
 
 def test_a_delivery_counts_only_once_the_scheduler_has_synced_new_once_for_many(root, home, messid,

@@ -250,3 +250,43 @@ def test_a_message_whose_poke_never_came_is_found_by_a_later_poke(root, monkeypa
 
     (orphan, named), sent = with_scheduler(root, scenario)
     assert sorted(sent) == sorted([orphan, named])
+
+
+def test_a_local_delivery_waiting_for_new_to_be_synced_holds_no_slot_and_stop_waits_for_it(root, monkeypatch):
+    """With concurrencylocal 1, a second delivery starts while the first one's new/ is
+    still being synced (its child is free); neither counts before the sync, and a stop
+    asked meanwhile waits for both to be recorded."""
+    from smarthost import spawnclient
+    from tests.conftest import GatedFsync
+
+    with open(os.path.join(root.control_dir, "concurrencylocal"), "w") as f:
+        f.write("1\n")
+    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
+    monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
+    out = io.StringIO()
+    q = Queue(root.queue_dir)
+    new = root.sub("home", "example", "Maildir", "new")
+    ids = [q.inject(b"Subject: slot\n\nx\n", "a@b.example", ["example@mx.test.invalid"]).id for _ in range(2)]
+
+    async def main():
+        sched = Scheduler(root, Log(out))
+        task = asyncio.create_task(sched.run())
+        deadline = time.monotonic() + 20
+        while len(os.listdir(new)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        sched.log.flush()
+        log = out.getvalue()
+        assert len(os.listdir(new)) == 2, log
+        assert "starting delivery 2" in log and "success" not in log
+        sched.on_term()
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        fsync.gate.set()
+        await asyncio.wait_for(task, 20)
+
+    evloop.run(main())
+    log = out.getvalue()
+    assert log.count(": success: did_1+0+0/") == 2, log
+    assert log.index("delivery 2: success") < log.index("status: exiting")
+    assert q.todo_ids() == [] and all(not os.path.exists(q.todo(n)) for n in ids)
+    assert 1 <= len(fsync.calls) <= 2
