@@ -80,12 +80,20 @@ def clean_text(text: str) -> str:
 def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
     """One message, the descriptors it carries (close-on-exec: a program a child runs
     must not inherit them; socket.recv_fds drops its flags), and whether it was cut."""
+    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(4 * _INT), socket.MSG_CMSG_CLOEXEC)
+    return data, fds_in(ancdata), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+_INT = array.array("i").itemsize
+
+
+def fds_in(ancdata: list) -> list[int]:
+    """The descriptors that recvmsg's ancillary data carries (SCM_RIGHTS)."""
     fds = array.array("i")
-    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(4 * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+            fds.frombytes(payload[:len(payload) - len(payload) % _INT])
+    return list(fds)
 
 
 class Spawner:

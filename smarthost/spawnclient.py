@@ -27,7 +27,7 @@ from typing import Callable
 from miniqmail import maildir
 from miniqmail.fdio import why
 from smarthost import users
-from smarthost.lspawn import NEW_DIRS_MAX, RESULT_LIMIT, clean_text, letter_for
+from smarthost.lspawn import NEW_DIRS_MAX, RESULT_LIMIT, clean_text, fds_in, letter_for
 from smarthost.queue import Queue
 from smarthost.root import Root
 
@@ -138,15 +138,7 @@ class Child:
         self.idle_since = 0.0
 
 
-_ANC_SPACE = socket.CMSG_SPACE(NEW_DIRS_MAX * array.array("i").itemsize)
-
-
-def _fds(ancdata: list) -> list[int]:
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    return list(fds)
+_ANC_SPACE = socket.CMSG_SPACE(NEW_DIRS_MAX * array.array("i").itemsize)  # a report's new/ descriptors
 
 
 class LocalSpawner:
@@ -326,7 +318,7 @@ class LocalSpawner:
             return
         except OSError:
             data, anc, flags = b"", [], 0
-        fds = _fds(anc)
+        fds = fds_in(anc)
         code_s, sep, text = data.partition(b"\0")
         if (not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or child.fut is None
                 or not sep or not code_s.lstrip(b"-").isdigit()):

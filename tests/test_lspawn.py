@@ -393,8 +393,7 @@ def test_a_child_hands_the_new_directories_it_linked_into_to_the_scheduler(root,
     """A report carries the descriptor of each new/ a message was linked into, up to
     NEW_DIRS_MAX; the child fsyncs any beyond that itself. Each maildir line delivered."""
     from miniqmail import maildir
-    from smarthost import spawnclient
-    from smarthost.lspawn import NEW_DIRS_MAX, receive
+    from smarthost.lspawn import NEW_DIRS_MAX, fds_in, receive
 
     boxes = [f"M{i}" for i in range(NEW_DIRS_MAX + 1)]
     for box in boxes:
@@ -414,7 +413,7 @@ def test_a_child_hands_the_new_directories_it_linked_into_to_the_scheduler(root,
         for rcpt, lines in (("example-two", 2), ("example-many", len(boxes))):
             chan.send(b"%d\0a@b.example\0%s@mx.test.invalid" % (messid, rcpt.encode()))
             report, anc, flags, _ = chan.recvmsg(20000, socket.CMSG_SPACE(4 * 2 * NEW_DIRS_MAX))
-            fds = spawnclient._fds(anc)
+            fds = fds_in(anc)
             got = []
             for fd in fds:
                 st = os.fstat(fd)
