@@ -191,13 +191,14 @@ def fsync_dir(dfd: int) -> None:
 def _sync_dir(path: str, new: str, dfd: int | None = None, sync: Sync | None = None) -> None:
     """Make the link `new` in directory `path` durable: `sync` (fsync_dir by default) with
     an open descriptor of `path` (`dfd`, else opened here); on failure withdraw `new`."""
+    sync = sync or fsync_dir
     try:
         if dfd is not None:
-            (sync or fsync_dir)(dfd)
+            sync(dfd)
             return
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            (sync or fsync_dir)(dfd)
+            sync(dfd)
         finally:
             os.close(dfd)
     except OSError as e:

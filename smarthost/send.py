@@ -324,12 +324,13 @@ class Scheduler:
             self.log(f"starting delivery {self.delivery_no}: msg {msg.id} to {chan} {safe(rcpt.addr)}")
         self.status()
         results: list[tuple[str, str]]
-        slot = [True]
+        held = True
 
         def free_slot() -> None:
-            """The child is done; the rest is the scheduler's wait for new/ to be synced."""
-            if slot[0]:
-                slot[0] = False
+            """The slot's work is done (a local child may report before its new/ is synced)."""
+            nonlocal held
+            if held:
+                held = False
                 self.running[chan] -= 1
                 self.poke()
 
@@ -342,8 +343,7 @@ class Scheduler:
                 raise ValueError("one report per recipient")
         except Exception as e:  # a delivery's edge: defer, keep the message
             results = [("Z", f"Delivery trouble: {type(e).__name__}. (#4.3.0)")] * len(rcpts)
-        if slot[0]:
-            self.running[chan] -= 1
+        free_slot()
         self.in_flight -= 1
         next_retry, expired = self.passes.get((msg.id, chan), (0.0, False))
         ch = msg.channels[chan]

@@ -91,31 +91,31 @@ class NewDirSync:
 def sync_dirs(reports: list[list[int]]) -> list[str | None]:
     """fsync each directory the descriptors of `reports` name, once however many name
     it; close them all. For each report: None, or why one of its directories failed."""
+    synced: dict[tuple[int, int], str | None] = {}  # (dev, ino) -> None, or why not
     try:
-        failed: dict[tuple[int, int], str | None] = {}
-        keys: list[list[tuple[int, int]]] = []
+        out = []
         for fds in reports:
-            mine = []
-            for fd in fds:
-                try:
-                    st = os.fstat(fd)
-                except OSError as e:
-                    mine.append((-1, fd))
-                    failed[(-1, fd)] = why(e)
-                    continue
-                key = (st.st_dev, st.st_ino)
-                mine.append(key)
-                if key not in failed:
-                    try:
-                        maildir.fsync_dir(fd)
-                        failed[key] = None
-                    except OSError as e:
-                        failed[key] = why(e)
-            keys.append(mine)
-        return [next((failed[k] for k in mine if failed[k] is not None), None) for mine in keys]
+            errors = [_sync_once(fd, synced) for fd in fds]
+            out.append(next((e for e in errors if e is not None), None))
+        return out
     finally:
         for fds in reports:
             _close(fds)
+
+
+def _sync_once(fd: int, synced: dict[tuple[int, int], str | None]) -> str | None:
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        return why(e)
+    key = (st.st_dev, st.st_ino)
+    if key not in synced:
+        try:
+            maildir.fsync_dir(fd)
+            synced[key] = None
+        except OSError as e:
+            synced[key] = why(e)
+    return synced[key]
 
 
 def _close(fds: list[int]) -> None:

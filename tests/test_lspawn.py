@@ -240,6 +240,38 @@ def test_a_child_that_breaks_the_report_protocol_gets_no_more_work(root, garbage
     evloop.run(scenario())
 
 
+def test_a_report_with_more_descriptors_than_new_dirs_max_gets_the_child_dropped(root):
+    """A report may carry NEW_DIRS_MAX new/ descriptors: one with more is cut (MSG_CTRUNC),
+    so the child gets no more work, its delivery is reported crashed, and what did
+    arrive is closed, not leaked."""
+    from smarthost.lspawn import NEW_DIRS_MAX
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        sp = LocalSpawner(root)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        child = Child(ours, None)
+        sp.children.add(child)
+        loop.add_reader(ours.fileno(), sp._readable, child)
+        fut = child.fut = loop.create_future()
+        pipes = [os.pipe() for _ in range(NEW_DIRS_MAX + 1)]
+        try:
+            socket.send_fds(theirs, [b"0\0did 1+0+0\n"], [r for r, _ in pipes])
+            for r, _ in pipes:
+                os.close(r)   # the scheduler's copies are now the only read ends
+            assert await asyncio.wait_for(fut, 10) == (CRASHED, [])
+            assert child not in sp.children and ours.fileno() == -1
+            for _, w in pipes:   # every read end that arrived was closed
+                with pytest.raises(BrokenPipeError):
+                    os.write(w, b"x")
+        finally:
+            theirs.close()
+            for _, w in pipes:
+                os.close(w)
+    evloop.run(scenario())
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="system mode switches to each recipient's uid: needs root")
 def test_in_system_mode_a_child_serves_one_user_as_that_user(root, messid):
     """The scheduler picks an idle child by user: a child that has switched to one
