@@ -210,6 +210,17 @@ def test_a_delivery_child_can_be_killed_by_its_alarm_whatever_the_spawner_inheri
         signal.signal(signal.SIGALRM, old)
 
 
+def wired_child(root) -> tuple[LocalSpawner, Child, socket.socket]:
+    """A LocalSpawner reading a fake child's reports, and the child's end of the socket."""
+    sp = LocalSpawner(root)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    child = Child(ours, None)
+    sp.children.add(child)
+    asyncio.get_running_loop().add_reader(ours.fileno(), sp._readable, child)
+    return sp, child, theirs
+
+
 @pytest.mark.parametrize("garbage", [b"x", b"x\0ok", b"0\0" + b"y" * 20000, b"", b"0\0ok"],
                          ids=["no-nul", "non-digit", "too-long", "empty", "no-delivery-asked"])
 def test_a_child_that_breaks_the_report_protocol_gets_no_more_work(root, garbage):
@@ -218,12 +229,8 @@ def test_a_child_that_breaks_the_report_protocol_gets_no_more_work(root, garbage
     closes, so it exits), and a delivery it was on is reported as crashed."""
     async def scenario():
         loop = asyncio.get_running_loop()
-        sp = LocalSpawner(root)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        child = Child(ours, None)
-        sp.children.add(child)
-        loop.add_reader(ours.fileno(), sp._readable, child)
+        sp, child, theirs = wired_child(root)
+        ours = child.sock
         asked = garbage != b"0\0ok"
         fut = child.fut = loop.create_future() if asked else None
         try:
@@ -248,12 +255,8 @@ def test_a_report_with_more_descriptors_than_new_dirs_max_gets_the_child_dropped
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        sp = LocalSpawner(root)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        child = Child(ours, None)
-        sp.children.add(child)
-        loop.add_reader(ours.fileno(), sp._readable, child)
+        sp, child, theirs = wired_child(root)
+        ours = child.sock
         fut = child.fut = loop.create_future()
         pipes = [os.pipe() for _ in range(NEW_DIRS_MAX + 1)]
         try:
