@@ -8,9 +8,9 @@ the envelopes of all of them, starts every message's writeback, then fsyncs
 (queue.commit_group): the messages share its wake-ups, and the write of todo/
 (or the journal commit) that makes one link durable makes the others made
 before it durable too. Two threads rather than one, so that a group gathers
-and starts while the last one waits for the disk. Within a group the fsyncs run
-side by side, in a small pool: the disk's cache flush, the costly part of each,
-then serves several at once. The loop hands the sessions that finished during
+and starts while the last one waits for the disk. Within a group the fsyncs (two
+per message, see smarthost.queue) run side by side, in a small pool: the disk's
+cache flush, the costly part of each, then serves several at once. The loop hands the sessions that finished during
 one of its turns over together, at the end of the turn: a hand-over wakes a
 thread, which then wants the interpreter the loop holds. Each message keeps the
 order of writes and fsyncs that a lone commit has, and each client is answered
@@ -23,10 +23,10 @@ import asyncio
 import queue as _queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from typing import Callable
 
 from smarthost.qmqp_session import Event, QueueSink, Request, Refused
-from smarthost.queue import QueueError, commit_group
+from smarthost.queue import QueueError, commit_group, side_by_side
 
 #: disk threads per event loop: while one waits for its group's fsyncs, the next
 #: group gathers and starts (one alone halves the rate where an fsync is slow)
@@ -109,13 +109,10 @@ class Committer:
         for _ in self._threads:
             self._jobs.put(None)
 
-    def _side_by_side(self, step: Callable, *columns: Iterable) -> list:
-        """map(step, *columns), the calls at once: the first in this thread, the rest in
-        the pool (a group of one never leaves this thread; a group of two wakes one
-        pool thread, not two)."""
-        calls = list(zip(*columns))
-        others = [self._fsyncs.submit(step, *args) for args in calls[1:]]
-        return [step(*args) for args in calls[:1]] + [f.result() for f in others]
+    def _side_by_side(self, step: Callable, items: list) -> list:
+        """map(step, items), the calls at once: the first in this thread, the rest in the
+        pool (a group of one message wakes one pool thread for its second fsync)."""
+        return side_by_side(step, items, self._fsyncs)
 
     def _run(self) -> None:
         while True:

@@ -9,8 +9,8 @@ State table (what exists for N)                         meaning, and what start-
                                                          an flock on mess) or dead: cleanup()
                                                          removes it once the lock is free
   S4  mess/S/N + todo/N (+ intd/N; info, channel and    queued (committed): preprocessed again;
-      bounce files of a persist that died)               an envelope cut short by a crash (never
-                                                         acknowledged) is removed instead
+      bounce files of a persist that died)               an entry whose files a crash cut short
+                                                         (never acknowledged) is removed instead
   S5  mess/S/N + info/S/N + local/S/N|remote/S/N        preprocessed and persisted: delivered,
       (+ bounce/N)                                       then removed in the order bounce,
                                                          channels, info, mess
@@ -18,15 +18,24 @@ State table (what exists for N)                         meaning, and what start-
 Injection order (each step one create, link or unlink):
   create pid/P (O_EXCL) -> N = its inode; link pid/P -> mess/S/N; unlink pid/P;
   write Received line + message; create intd/N (or find it made ahead, see
-  Draft.prepare); write envelope and start its writeback; fsync mess;
-  fsync mess/S/ (so the name survives); link intd/N -> todo/N  (the commit point);
-  fsync intd/N, fsync todo/ (envelope and link durable; only now is anyone told
-  "queued"); poke lock/trigger (see poke: our injectors name what they queued).
+  Draft.prepare); write the envelope, ending in its check record; link intd/N ->
+  todo/N (the commit point); then, side by side, fsync mess, fsync intd (and, where
+  a file's fsync does not commit its links, fsync mess/S/ and todo/); only once all
+  have returned is anyone told "queued"; poke lock/trigger (see poke: our injectors
+  name what they queued).
+qmail-queue waits for two cache flushes of the disk in a row: the message's, then
+the envelope's, before its link. Here the client waits for one, because a crash in
+between is told apart afterwards: the check record (`c<bytes> <crc32 of mess> <crc32
+of the envelope before it>`, a record qmail-send skips) says what the message and
+the envelope were when committed, so a todo/N whose files a crash cut short is
+found and removed as an injection never acknowledged (sendqueue.IncompleteTodo).
+The scheduler takes a todo/N only once its injection is over: named by its
+injector's poke (sent after the commit), or found in a listing with its mess
+file's lock free (see SendQueue.preprocess).
 The directory fsyncs are coalesced across concurrent injectors (group commit),
 and skipped where a file's fsync already commits its links (FSYNC_COVERS_LINKS).
 commit_group() takes several staged drafts through each step together (their
-fsyncs side by side, where the caller lends it threads), each message in the
-order above.
+fsyncs side by side, where the caller lends it threads).
 A crash before the todo link leaves S2, which nothing else reads.
 """
 
@@ -39,6 +48,7 @@ import os
 import re
 import select
 import time
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -56,6 +66,48 @@ CHUNK = 65536
 
 
 FSYNC_COVERS_LINKS = frozenset({"ext3", "ext4", "xfs", "btrfs"})
+#: how many of one commit's fsyncs run beside the caller's when nobody lends threads
+SIDE_THREADS = 3
+#: the mode bit of an intd/N file whose envelope ends in a check record: the inode
+#: says so even when a crash left its data block stale (qmail's files have it clear)
+CHECKED = 0o100
+
+
+class TornEntry(ValueError):
+    """An envelope or message that is not what its check record says: a crash cut it short."""
+
+
+def check_record(size: int, crc: int, head: bytes) -> bytes:
+    """The envelope's last record: the message's length and CRC-32, and the CRC-32 of
+    the records before it (`head`)."""
+    return b"c%d %08x %08x\0" % (size, crc, zlib.crc32(head))
+
+
+def split_check(data: bytes, required: bool = False) -> tuple[bytes, tuple[int, int] | None]:
+    """An envelope's records before its check record, and the (length, CRC-32) of the
+    message it names; (data, None) for an envelope without one (an older queue's).
+    TornEntry if the check record is malformed, missing where `required` (the file's
+    mode has CHECKED), or the records before it differ."""
+    start = data.rfind(b"\0", 0, len(data) - 1) + 1
+    last = data[start:-1] if data.endswith(b"\0") else b""
+    if last[:1] != b"c":
+        if required:
+            raise TornEntry("the envelope has lost its check record")
+        return data, None
+    head = data[:start]
+    m = re.fullmatch(rb"c(\d{1,20}) ([0-9a-f]{8}) ([0-9a-f]{8})", last)
+    if m is None or int(m.group(3), 16) != zlib.crc32(head):
+        raise TornEntry("the envelope is not what its check record says")
+    return head, (int(m.group(1)), int(m.group(2), 16))
+
+
+def message_check(fd: int) -> tuple[int, int]:
+    """(length, CRC-32) of the message file open at `fd`, read from its start."""
+    crc = size = 0
+    while chunk := os.pread(fd, CHUNK, size):
+        crc = zlib.crc32(chunk, crc)
+        size += len(chunk)
+    return size, crc
 
 
 def filesystem_type(path: str) -> str:
@@ -296,12 +348,15 @@ class Queue:
         return n, mess_path, fd
 
     @staticmethod
-    def _write_intd(fd: int, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes]) -> None:
-        """Write the envelope into intd/N's descriptor `fd` (not synced; the caller keeps `fd`)."""
+    def _write_intd(fd: int, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes],
+                    check: tuple[int, int]) -> None:
+        """Write the envelope into intd/N's descriptor `fd`, its check record last for a
+        message of `check` = (length, CRC-32) (not synced; the caller keeps `fd`)."""
         data = bytearray(b"u%d\0p%d\0F" % (os.getuid() if uid is None else uid, qp))
         data += sender + b"\0"
         for r in rcpts:
             data += b"T" + r + b"\0"
+        data += check_record(*check, data)
         try:
             write_all(fd, bytes(data))
         except OSError as e:
@@ -311,7 +366,7 @@ class Queue:
         path = self.intd(n)
         for attempt in (1, 2):
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600 | CHECKED)
                 break
             except FileExistsError:
                 # Our mess/S/N holds inode N, so an intd/N without todo/N is a
@@ -441,6 +496,8 @@ class Draft:
         self.injected: Injected | None = None  # once committed
         self._done = False
         self._intd_fd = -1
+        self._size = 0  # what write() has written, for the check record
+        self._crc = 0
 
     def prepare(self) -> "Draft":
         """Create intd/N now, empty, for a commit to come: a draft made ahead of its
@@ -455,6 +512,8 @@ class Draft:
             write_all(self._fd, data)
         except OSError as e:
             raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
+        self._size += len(data)
+        self._crc = zlib.crc32(data, self._crc)
 
     def write_from(self, message: BinaryIO | bytes) -> None:
         if isinstance(message, (bytes, bytearray, memoryview)):
@@ -494,50 +553,48 @@ class Draft:
         close(), which removes the entry."""
         self.qp = self.qp if qp is None else qp
         self.prepare()
-        self.queue._write_intd(self._intd_fd, self.id, uid, self.qp, sender, rcpts)
+        self.queue._write_intd(self._intd_fd, self.id, uid, self.qp, sender, rcpts,
+                               (self._size, self._crc))
         _start_writeback(self._intd_fd)
 
     def sync(self) -> Injected:
-        """Commit what stage() prepared; not poked."""
-        self.sync_message()
-        return self.sync_envelope()
+        """Commit what stage() prepared and wait until it is durable; not poked."""
+        self.link()
+        return self.settle(side_by_side(_call, self.syncs()))
 
-    def sync_message(self) -> None:
-        """Make the message and its name durable, then link intd/N -> todo/N (the commit point)."""
+    def link(self) -> None:
+        """link intd/N -> todo/N: the commit point (durable once syncs() have run)."""
         q, n = self.queue, self.id
         try:
-            os.fsync(self._fd)
-        except OSError as e:
-            raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
-        try:
-            if not q.file_fsync_covers_links:
-                q._dirsync(os.path.dirname(self.path))
             os.link(q.intd(n), q.todo(n))
         except OSError as e:
             raise QueueError(f"unable to link todo/{n}: {e.strerror}", exit_code=QQ.TODO) from None
 
-    def sync_envelope(self) -> Injected:
-        """Make the envelope and the todo/N link durable: only now may anyone be told "queued"."""
+    def syncs(self) -> list[tuple[str, Callable, object]]:
+        """What must be durable before anyone is told "queued", as (what, function,
+        argument): calls that may run side by side. The descriptors, not the names:
+        once todo/N exists, the scheduler may deliver the message and remove its files."""
+        q = self.queue
+        out: list[tuple[str, Callable, object]] = [
+            (self.path, os.fsync, self._fd), (q.intd(self.id), os.fsync, self._intd_fd)]
+        if not q.file_fsync_covers_links:
+            out += [(os.path.dirname(self.path), q._dirsync, os.path.dirname(self.path)),
+                    (q.sub("todo"), q._dirsync, q.sub("todo"))]
+        return out
+
+    def settle(self, errors: list[OSError | None]) -> Injected:
+        """The commit once syncs() have run, with what each raised: any trouble and
+        todo/N goes (not durable, so not queued; close() removes the rest)."""
         q, n = self.queue, self.id
-        # One fsync makes the envelope and (on a journalling filesystem) the link
-        # durable in one commit; elsewhere the directory fsync below does it.
-        # Until both return nobody has been told "queued": a crash in between can
-        # leave a todo/N with an envelope cut short, which start-up removes as a
-        # never-acknowledged injection (sendqueue.IncompleteTodo). The descriptor,
-        # not the name: once todo/N exists, the scheduler may deliver the message
-        # and remove intd/N before this fsync.
-        try:
-            os.fsync(self._intd_fd)
-        except OSError as e:
-            try:
-                os.unlink(q.todo(n))  # not durable, so not queued; close() removes the rest
-            except OSError:
-                pass
-            raise QueueError(f"unable to sync intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
+        for (what, _, _), e in zip(self.syncs(), errors):
+            if e is not None:
+                try:
+                    os.unlink(q.todo(n))
+                except OSError:
+                    pass
+                raise QueueError(f"unable to sync {what}: {e.strerror}", exit_code=QQ.WRITE)
         self._done = True
         self.close()
-        if not q.file_fsync_covers_links:
-            q._dirsync(q.sub("todo"))
         self.injected = Injected(n, self.qp)
         return self.injected
 
@@ -559,35 +616,73 @@ class Draft:
 
 
 def commit_group(drafts: list[Draft], each: Callable = map) -> list[Injected | QueueError]:
-    """Commit staged drafts together (group commit): each step for all of them, then
-    the next. Each message keeps the order of writes and fsyncs that a lone commit
-    has; what the group shares is the waiting (every message's data is on its way
-    before the first fsync) and the directory writes (one todo/ write covers the
-    links made before it). Nothing is poked. A draft that fails gets its QueueError
-    in its place, and the others go on.
+    """Commit staged drafts together (group commit): link each, then run all their
+    syncs at once, then settle each. What the group shares is the waiting (every
+    message's data is on its way before the first fsync) and the directory writes
+    (one todo/ write covers the links made before it). Nothing is poked. A draft
+    that fails gets its QueueError in its place, and the others go on.
 
-    `each(step, drafts)` runs a step for every draft and returns the results in
-    order: by default one draft after another. Given a thread pool's map, the
-    group's fsyncs wait side by side, and each cache flush of the disk (the
-    costly part of an fsync) then serves several of them."""
+    `each(step, items)` runs a step for every item and returns the results in
+    order: by default one after another. Given a thread pool's map, the group's
+    fsyncs wait side by side, and each cache flush of the disk (the costly part of
+    an fsync) then serves several of them."""
     for d in drafts:
         _start_writeback(d._fd)
-    failed = list(each(_sync_message, drafts))
-    return list(each(_sync_envelope, drafts, failed))
+    out: list[Injected | QueueError | None] = []
+    calls: list[tuple[str, Callable, object]] = []
+    for d in drafts:
+        try:
+            d.link()
+        except QueueError as e:
+            out.append(e)
+            continue
+        out.append(None)
+        calls += d.syncs()
+    results = iter(list(each(_call, calls)))
+    for i, d in enumerate(drafts):
+        if out[i] is None:
+            errors = [next(results) for _ in d.syncs()]
+            try:
+                out[i] = d.settle(errors)
+            except QueueError as e:
+                out[i] = e
+    return out  # type: ignore[return-value]
 
 
-def _sync_message(d: Draft) -> QueueError | None:
+def _call(call: tuple[str, Callable, object]) -> OSError | None:
+    """Run one of Draft.syncs(); the OSError it raised, or None."""
+    _, fn, arg = call
     try:
-        d.sync_message()
-    except QueueError as e:
+        fn(arg)
+    except OSError as e:
         return e
     return None
 
 
-def _sync_envelope(d: Draft, failed: QueueError | None) -> Injected | QueueError:
-    if failed is not None:
-        return failed
-    try:
-        return d.sync_envelope()
-    except QueueError as e:
-        return e
+_side_pool = None  # side_by_side()'s threads when the caller lends none, made at first use
+_side_lock = _thread.allocate_lock()
+
+
+def side_by_side(step: Callable, items: list, pool=None) -> list:
+    """map(step, items), all at once: the first here, the others in `pool` (a
+    concurrent.futures executor; by default a few threads of this process's own).
+    A lone commit's fsyncs then wait for one cache flush, not one each in a row."""
+    global _side_pool
+    if len(items) < 2:
+        return [step(x) for x in items]
+    if pool is None:
+        with _side_lock:
+            if _side_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                _side_pool = ThreadPoolExecutor(SIDE_THREADS, thread_name_prefix="queue-fsync")
+            pool = _side_pool
+    others = [pool.submit(step, x) for x in items[1:]]
+    return [step(items[0])] + [f.result() for f in others]
+
+
+def _forget_side_pool() -> None:
+    global _side_pool
+    _side_pool = None  # its threads are not in a forked child
+
+
+os.register_at_fork(after_in_child=_forget_side_pool)

@@ -29,7 +29,7 @@ from smarthost.queue import Queue, received_line, trigger_ids
 from smarthost.rewrite import Routing
 from smarthost.root import Root
 from smarthost.spawnclient import LocalSpawner
-from smarthost.sendqueue import IncompleteTodo, Message, Rcpt, SendQueue, TodoError
+from smarthost.sendqueue import IncompleteTodo, InjectionUnderWay, Message, Rcpt, SendQueue, TodoError
 
 #: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
 SCAN_INTERVAL = 1500
@@ -110,6 +110,7 @@ class Scheduler:
         self.watching = False                 # make_durable() is running
         self.backlog: deque[int] = deque()    # todo/N a scan found, not preprocessed yet
         self.backlog_ids: set[int] = set()
+        self.listed: set[int] = set()         # in the backlog by a listing only (preprocess's `listed`)
         self.fresh: dict[int, Message] = {}   # preprocessed, todo/N their record, a delivery not started
         self.queued: dict[int, int] = {}      # message id -> its deliveries waiting in self.ready
         self.to_remove: list[tuple[Message, asyncio.Future]] = []
@@ -164,8 +165,12 @@ class Scheduler:
     def _preprocess_batch(self, ids: list[int], routing: Routing) -> list[tuple[int, Message | str]]:
         out: list[tuple[int, Message | str]] = []
         for n in ids:
+            listed = n in self.listed
+            self.listed.discard(n)
             try:
-                out.append((n, self.sq.preprocess(n, routing)))
+                out.append((n, self.sq.preprocess(n, routing, listed=listed)))
+            except InjectionUnderWay:
+                pass  # its injector's poke names it once its fsyncs are over
             except IncompleteTodo as e:
                 self.sq.discard_incomplete(n)
                 self.log(f"warning: removed todo/{n}: {safe(str(e))}: an injection that never finished")
@@ -177,11 +182,17 @@ class Scheduler:
 
     def scan_todo(self) -> None:
         """List todo/ for what is not known yet."""
-        self.note_todo(self.queue.todo_ids())
+        self.note_todo(self.queue.todo_ids(), listed=True)
 
-    def note_todo(self, ids: list[int]) -> None:
-        """Note the todo/N not seen yet; fill() preprocesses them as delivery slots come near."""
-        new = [n for n in dict.fromkeys(ids) if n not in self.messages and n not in self.backlog_ids]
+    def note_todo(self, ids: list[int], listed: bool = False) -> None:
+        """Note the todo/N not seen yet; fill() preprocesses them as delivery slots come near.
+        `listed`: found by listing todo/ rather than named by a poke (see SendQueue.preprocess)."""
+        if listed:
+            new = [n for n in ids if n not in self.messages and n not in self.backlog_ids]
+            self.listed.update(new)
+        else:
+            self.listed.difference_update(ids)  # its injector is done with it
+            new = [n for n in dict.fromkeys(ids) if n not in self.messages and n not in self.backlog_ids]
         self.backlog.extend(new)
         self.backlog_ids.update(new)
 

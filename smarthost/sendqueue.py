@@ -1,7 +1,8 @@
 """qmail-send's side of the queue: preprocessing todo/N, channel files, done marks, removal.
 
 Formats (INTERNALS, qmail-send.c):
-  todo/N      the envelope as qmail-queue wrote it: `u`uid, `p`pid, `F`sender, `T`rcpt, each NUL-ended
+  todo/N      the envelope as qmail-queue wrote it: `u`uid, `p`pid, `F`sender, `T`rcpt, each NUL-ended,
+              then our injectors' check record `c` (see smarthost.queue)
   info/S/N    `F`sender NUL; its mtime is the message's birth
   local/S/N   `T`addr NUL per recipient, remote/S/N likewise; a finished recipient's `T`
   remote/S/N  is overwritten in place with `D` (one byte, atomic); the file's mtime is
@@ -24,12 +25,13 @@ left for it to inherit. Without info/N there are never channel or bounce files.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from dataclasses import dataclass, field
 
 from miniqmail.fdio import write_all
-from smarthost.queue import Queue
+from smarthost.queue import CHECKED, Queue, TornEntry, message_check, split_check
 from smarthost.rewrite import Routing
 
 CHANNELS = ("local", "remote")
@@ -40,8 +42,15 @@ class TodoError(ValueError):
 
 
 class IncompleteTodo(TodoError):
-    """An envelope cut short (empty, no final NUL, no sender): a crash hit an
-    injection between its todo link and its fsync, so nobody was told "queued"."""
+    """An envelope cut short (empty, no final NUL, no sender, empty records) or a
+    message or envelope that is not what the check record says: a crash hit an
+    injection between its todo link and the end of its fsyncs, so nobody was
+    told "queued"."""
+
+
+class InjectionUnderWay(Exception):
+    """todo/N whose injector still holds its mess file's lock: its fsyncs are not
+    over, and its poke will name it when they are."""
 
 
 @dataclass(eq=False)
@@ -81,6 +90,7 @@ class Message:
     syncing: bool = False    # a worker thread is persisting it
     progress: bool = False   # some recipient is done: a crash would deliver it again
     finishing: bool = False
+    unsure: bool = False     # found by a listing: mess may not be durable yet (preprocess)
 
 
 @dataclass
@@ -127,15 +137,27 @@ class SendQueue:
         self.q = queue
 
     # -- todo/N (qmail-send.c todo_do, without its files) --------------------
-    def preprocess(self, n: int, routing: Routing, now: float | None = None) -> Message:
-        """Read todo/N and route its recipients; the state stays in memory."""
+    def preprocess(self, n: int, routing: Routing, now: float | None = None,
+                   listed: bool = False) -> Message:
+        """Read todo/N and route its recipients; the state stays in memory.
+
+        `listed`: todo/N was found by listing todo/, not named by its injector's
+        poke, so its injection may be under way (InjectionUnderWay), dead before its
+        fsyncs returned, or cut short by a crash: the message is checked against the
+        envelope's check record (IncompleteTodo if it differs), and marked `unsure`
+        so that a persist makes it durable before todo/N goes."""
         q = self.q
         with open(q.todo(n), "rb") as f:
             data = f.read()
+            checked = bool(os.fstat(f.fileno()).st_mode & CHECKED)
+        try:
+            records, check = split_check(data, checked)
+        except TornEntry as e:
+            raise IncompleteTodo(str(e)) from None
         uid = qp = 0
         sender = None
         rcpts: dict[str, list[Rcpt]] = {c: [] for c in CHANNELS}
-        for rec in _records(data):
+        for rec in _records(records):
             kind, value = rec[:1], rec[1:]
             if kind == b"u" and value.isdigit():
                 uid = int(value)
@@ -146,20 +168,33 @@ class SendQueue:
             elif kind == b"T":
                 chan, addr = routing.route(_text(value))
                 rcpts[chan].append(Rcpt(addr))
+            elif not rec:
+                raise IncompleteTodo("an empty record")  # zeros where a crash left no data
             elif kind not in (b"u", b"p"):
                 raise TodoError(f"unknown record {rec[:20]!r}")
         if sender is None:
             raise IncompleteTodo("no sender record")
         try:
-            size = os.stat(q.mess(n)).st_size
+            fd = os.open(q.mess(n), os.O_RDONLY)
         except FileNotFoundError:
             raise TodoError("mess file missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if listed:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise InjectionUnderWay(n) from None
+                if check is not None and message_check(fd) != check:
+                    raise IncompleteTodo("the message is not what the check record says")
+        finally:
+            os.close(fd)
         # Left by a persist that a crash cut short: start from scratch.
         if _unlink(q.info(n)):
             for p in (q.channel("local", n), q.channel("remote", n), q.bounce(n)):
                 _unlink(p)
         birth = time.time() if now is None else now
-        msg = Message(n, birth, sender, size, qp, uid)
+        msg = Message(n, birth, sender, size, qp, uid, unsure=listed)
         for chan in CHANNELS:
             if rcpts[chan]:
                 msg.channels[chan] = Channel(chan, rcpts[chan], retry=birth)
@@ -188,6 +223,12 @@ class SendQueue:
     def write_snapshot(self, msg: Message, snap: Snapshot) -> None:
         """Worker thread: write, fsync, then drop todo/N. Touches no Message field."""
         q, n = self.q, msg.id
+        if msg.unsure:  # its injector may have died before its fsyncs: todo/N is its only check
+            fd = os.open(q.mess(n), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         files = [(q.info(n), snap.info, msg.birth)]
         files += [(q.channel(name, n), data, retry) for name, data, _, retry in snap.channels]
         if snap.bounces:

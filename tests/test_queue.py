@@ -1,10 +1,12 @@
 """The queue: qmail's layout, the injection order, recovery from a crash at each step, qmail-queue."""
 
+import errno
 import io
 import os
 import re
 import select
 import signal
+import zlib
 
 import pytest
 from hypothesis import given
@@ -43,7 +45,9 @@ def test_inject_writes_mess_and_todo_named_by_inode(q):
     assert re.match(rb"Received: \(qmail \d+ invoked by uid \d+\); \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d -0000\n"
                     rb"Subject: hi\n\nbody\n$", mess)
     todo = open(q.todo(n), "rb").read()
-    assert todo == b"u%d\0p%d\0Fa@b.example\0Tc@d.example\0Te@f\0" % (os.getuid(), done.qp)
+    head = b"u%d\0p%d\0Fa@b.example\0Tc@d.example\0Te@f\0" % (os.getuid(), done.qp)
+    # qmail's records, then the check record: the message's length and CRC-32, the records' CRC-32
+    assert todo == head + b"c%d %08x %08x\0" % (len(mess), zlib.crc32(mess), zlib.crc32(head))
     assert q.todo_ids() == [n]
     assert os.listdir(q.sub("pid")) == []
 
@@ -130,7 +134,7 @@ def test_crash_before_commit_is_invisible_and_cleaned(q, step):
             return
         n = d.id
         fd = q._create_intd(n)
-        q._write_intd(fd, n, 0, 1, b"a@b", [b"c@d"])
+        q._write_intd(fd, n, 0, 1, b"a@b", [b"c@d"], (14, 0))
         os.close(fd)
         if step == "intd":
             return
@@ -201,7 +205,7 @@ def test_qmail_queue_program_queues(root):
     assert code == 0
     q = Queue(root.queue_dir)
     [n] = q.todo_ids()
-    assert open(q.todo(n), "rb").read().endswith(b"Fs@x\0Tr@y\0")
+    assert b"\0Fs@x\0Tr@y\0c" in open(q.todo(n), "rb").read()
     assert open(q.mess(n), "rb").read().endswith(b"\nSubject: prog\n\nhello\n")
 
 
@@ -320,7 +324,203 @@ def test_commit_group_commits_each_and_keeps_a_failure_to_itself(q, side_by_side
             assert not os.path.exists(d.path) and not os.path.exists(q.intd(d.id))
             continue
         assert (r.id, r.qp) == (d.id, d.qp) and d.injected == r
-        assert open(q.todo(r.id), "rb").read() == b"u%d\0p%d\0Fa@b.example\0Tr%d@c.example\0" % (
-            os.getuid(), r.qp, i)
+        head = b"u%d\0p%d\0Fa@b.example\0Tr%d@c.example\0" % (os.getuid(), r.qp, i)
+        assert open(q.todo(r.id), "rb").read().startswith(head)
         assert open(q.mess(r.id), "rb").read() == b"Subject: %d\n\nx\n" % i
     assert q.mess_ids() == sorted(d.id for d in drafts if d is not bad)
+
+
+# -- one flush on the way to "queued": the check record and what start-up makes of it ----------
+
+def test_a_lone_commit_waits_for_its_fsyncs_side_by_side(q, monkeypatch):
+    """The message's and the envelope's fsyncs run at once (one cache flush to wait for,
+    not two in a row), and only after the todo link; the commit returns after both."""
+    import threading
+
+    lock = threading.Lock()
+    order: list[str] = []
+    inflight = most = 0
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        nonlocal inflight, most
+        name = "mess" if os.fstat(fd).st_ino in q.mess_ids() else "intd"
+        with lock:
+            order.append(("todo linked " if q.todo_ids() else "no todo ") + name)
+            inflight += 1
+            most = max(most, inflight)
+        try:
+            threading.Event().wait(0.05)
+            return real_fsync(fd)
+        finally:
+            with lock:
+                inflight -= 1
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    q.inject(b"Subject: two at once\n", "a@b", ["c@d"])
+    monkeypatch.undo()
+    assert sorted(order) == ["todo linked intd", "todo linked mess"]
+    assert most == 2
+
+
+def test_a_failed_fsync_queues_nothing(q, monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.fstat(fd).st_ino in q.mess_ids():
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(QueueError) as e:
+        q.inject(b"Subject: lost\n", "a@b", ["c@d"])
+    monkeypatch.undo()
+    assert e.value.exit_code == QQ.WRITE and "Input/output error" in str(e.value)
+    assert q.todo_ids() == [] and q.mess_ids() == [] and os.listdir(q.sub("intd")) == []
+
+
+def _committed(q, body=b"Subject: kept\n\nbody\n"):
+    n = q.inject(body, "a@b.example", ["c@d.example"], received=b"").id
+    return n, open(q.todo(n), "rb").read()
+
+
+def test_split_check_returns_the_records_and_the_message_check(q):
+    from smarthost.queue import message_check, split_check
+
+    n, env = _committed(q)
+    head, check = split_check(env)
+    assert head == b"u%d\0p%d\0Fa@b.example\0Tc@d.example\0" % (os.getuid(), os.getpid())
+    fd = os.open(q.mess(n), os.O_RDONLY)
+    try:
+        assert check == message_check(fd) == (20, zlib.crc32(b"Subject: kept\n\nbody\n"))
+    finally:
+        os.close(fd)
+    assert split_check(head) == (head, None)  # an envelope of an older queue: no check to make
+
+
+@given(st.binary(max_size=200), st.integers(0, 10**6), st.binary(max_size=300), st.booleans())
+def test_split_check_tells_every_envelope_a_crash_cut_short(tail, cut, stale, short):
+    """A crash leaves a prefix of the envelope and then nothing (a short file) or
+    whatever the disk block held before (zeros, another file's bytes): with the
+    check record required (the file's mode says so), every such envelope is told."""
+    from smarthost.queue import TornEntry, check_record, split_check
+
+    head = b"u0\0p1\0Fa@b\0T" + tail.replace(b"\0", b"x") + b"\0"
+    env = head + check_record(10, 0x1234, head)
+    assert split_check(env, required=True) == (head, (10, 0x1234))
+    i = cut % len(env)
+    torn = env[:i] if short else env[:i] + (stale + b"\0" * len(env))[:len(env) - i]
+    if torn == env:
+        return
+    with pytest.raises(TornEntry):
+        split_check(torn, required=True)
+
+
+@given(st.binary(max_size=300), st.booleans())
+def test_split_check_never_fails_otherwise(data, required):
+    from smarthost.queue import TornEntry, split_check
+
+    try:
+        head, check = split_check(data, required)
+    except TornEntry:
+        return
+    assert (check is None and head == data) or data.startswith(head)
+
+
+def _tear(path, how):
+    data = open(path, "rb").read()
+    with open(path, "r+b") as f:
+        if how == "zeros":     # the inode made it to the disk, the data block did not
+            f.write(b"\0" * len(data))
+        elif how == "stale":   # a block that held something else before
+            f.write(b"X" * len(data))
+        elif how == "short":
+            f.truncate(len(data) // 2)
+        elif how == "zero-tail":
+            f.seek(len(data) // 2)
+            f.write(b"\0" * (len(data) - len(data) // 2))
+
+
+@pytest.mark.parametrize("what,how", [("mess", "zeros"), ("mess", "stale"), ("mess", "short"),
+                                      ("todo", "zero-tail"), ("todo", "stale")])
+def test_an_entry_a_crash_cut_short_is_found_by_a_listing(root, what, how):
+    from smarthost.rewrite import Routing
+    from smarthost.sendqueue import IncompleteTodo, SendQueue
+
+    q = Queue(root.queue_dir)
+    n, _ = _committed(q)
+    _tear(q.mess(n) if what == "mess" else q.todo(n), how)
+    sq = SendQueue(q)
+    routing = Routing.from_control(root.control)
+    with pytest.raises(IncompleteTodo):
+        sq.preprocess(n, routing, listed=True)
+    sq.discard_incomplete(n)
+    assert q.todo_ids() == [] and q.mess_ids() == []
+
+
+def test_a_listing_skips_an_injection_under_way_and_marks_what_it_takes_unsure(root):
+    from smarthost.rewrite import Routing
+    from smarthost.sendqueue import InjectionUnderWay, SendQueue
+
+    q = Queue(root.queue_dir)
+    sq = SendQueue(q)
+    routing = Routing.from_control(root.control)
+    d = q.draft()
+    try:
+        d.write(b"Subject: under way\n")
+        d.stage("a@b.example", ["c@d.example"])
+        d.link()  # todo/N is there, its fsyncs are not over
+        with pytest.raises(InjectionUnderWay):
+            sq.preprocess(d.id, routing, listed=True)
+        named = sq.preprocess(d.id, routing)  # a poke named it: its injector is done
+        assert not named.unsure
+        d.settle([None, None] + [None] * (len(d.syncs()) - 2))
+    finally:
+        d.close()
+    listed = sq.preprocess(d.id, routing, listed=True)
+    assert listed.unsure and listed.size == len(b"Subject: under way\n")
+
+
+def test_a_persist_makes_an_unsure_message_durable_before_todo_goes(root, monkeypatch):
+    from smarthost.rewrite import Routing
+    from smarthost.sendqueue import SendQueue
+
+    q = Queue(root.queue_dir)
+    sq = SendQueue(q)
+    routing = Routing.from_control(root.control)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append("mess" if os.fstat(fd).st_ino in q.mess_ids() else "other")
+        return real_fsync(fd)
+
+    for listed in (False, True):
+        n, _ = _committed(q)
+        msg = sq.preprocess(n, routing, listed=listed)
+        synced.clear()
+        monkeypatch.setattr(os, "fsync", fsync)
+        sq.write_snapshot(msg, sq.snapshot(msg))
+        monkeypatch.undo()
+        assert synced == (["mess"] if listed else []) + ["other"] * (len(synced) - listed)
+        assert not os.path.exists(q.todo(n))
+
+
+def test_start_up_removes_what_a_crash_cut_short_and_delivers_the_rest(root):
+    from tests.conftest import Daemon
+
+    q = Queue(root.queue_dir)
+    me = open(root.sub("control", "me")).read().strip()
+    good = q.inject(b"Subject: intact\n\nx\n", "a@b.example", [f"example@{me}"], trigger=False).id
+    torn = q.inject(b"Subject: torn\n\nx\n", "a@b.example", [f"example@{me}"], trigger=False).id
+    _tear(q.mess(torn), "zeros")
+    d = Daemon(root)
+    try:
+        d.wait_log(f"warning: removed todo/{torn}: the_message_is_not_what_the_check_record_says")
+        d.wait_log(f"end msg {good}")
+        new = root.sub("home", "example", "Maildir", "new")
+        [name] = os.listdir(new)
+        assert b"Subject: intact" in open(os.path.join(new, name), "rb").read()
+        assert q.todo_ids() == [] and q.mess_ids() == []
+    finally:
+        assert d.stop() == 0
