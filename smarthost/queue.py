@@ -56,6 +56,7 @@ from miniqmail import envelope
 from miniqmail.datefmt import date822
 from miniqmail.exitcodes import QQ
 from miniqmail.fdio import write_all
+from smarthost import aiofsync
 from smarthost.errors import PermanentError, TemporaryError
 from smarthost.fsspread import spread_subdirs
 
@@ -560,7 +561,11 @@ class Draft:
     def sync(self) -> Injected:
         """Commit what stage() prepared and wait until it is durable; not poked."""
         self.link()
-        return self.settle(side_by_side(_call, self.syncs()))
+        calls = self.syncs()
+        errors = None
+        if all(fn is os.fsync for _, fn, _ in calls):  # no directory to sync: see aiofsync
+            errors = aiofsync.fsync_all([arg for _, _, arg in calls])  # type: ignore[misc]
+        return self.settle(side_by_side(_call, calls) if errors is None else errors)
 
     def link(self) -> None:
         """link intd/N -> todo/N: the commit point (durable once syncs() have run)."""

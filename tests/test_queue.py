@@ -332,10 +332,19 @@ def test_commit_group_commits_each_and_keeps_a_failure_to_itself(q, side_by_side
 
 # -- one flush on the way to "queued": the check record and what start-up makes of it ----------
 
-def test_a_lone_commit_waits_for_its_fsyncs_side_by_side(q, monkeypatch):
+@pytest.mark.parametrize("aio", [True, False], ids=["aio", "threads"])
+def test_a_lone_commit_waits_for_its_fsyncs_side_by_side(q, monkeypatch, aio):
     """The message's and the envelope's fsyncs run at once (one cache flush to wait for,
-    not two in a row), and only after the todo link; the commit returns after both."""
+    not two in a row), and only after the todo link; the commit returns after both.
+    With Linux AIO one thread submits both; elsewhere a second thread takes one."""
     import threading
+
+    from smarthost import aiofsync
+
+    if not aio:
+        monkeypatch.setattr(aiofsync, "fsync_all", lambda fds: None)
+    elif aiofsync.fsync_all([]) is None and not aiofsync._numbers:
+        pytest.skip(f"no AIO fsync on {os.uname().machine}")
 
     lock = threading.Lock()
     order: list[str] = []
@@ -356,6 +365,20 @@ def test_a_lone_commit_waits_for_its_fsyncs_side_by_side(q, monkeypatch):
             with lock:
                 inflight -= 1
 
+    if aio:
+        submitted = []
+        real_all = aiofsync.fsync_all
+
+        def fsync_all(fds):
+            assert q.todo_ids()  # after the link
+            submitted.append(sorted("mess" if os.fstat(fd).st_ino in q.mess_ids() else "intd" for fd in fds))
+            return real_all(fds)
+
+        monkeypatch.setattr(aiofsync, "fsync_all", fsync_all)
+        q.inject(b"Subject: two at once\n", "a@b", ["c@d"])
+        monkeypatch.undo()
+        assert submitted == [["intd", "mess"]]
+        return
     monkeypatch.setattr(os, "fsync", fsync)
     q.inject(b"Subject: two at once\n", "a@b", ["c@d"])
     monkeypatch.undo()
@@ -364,6 +387,9 @@ def test_a_lone_commit_waits_for_its_fsyncs_side_by_side(q, monkeypatch):
 
 
 def test_a_failed_fsync_queues_nothing(q, monkeypatch):
+    from smarthost import aiofsync
+
+    monkeypatch.setattr(aiofsync, "fsync_all", lambda fds: None)  # the fsyncs this test fails
     real_fsync = os.fsync
 
     def fsync(fd):
@@ -524,3 +550,25 @@ def test_start_up_removes_what_a_crash_cut_short_and_delivers_the_rest(root):
         assert q.todo_ids() == [] and q.mess_ids() == []
     finally:
         assert d.stop() == 0
+
+
+def test_aio_fsync_syncs_all_or_leaves_them_to_the_caller(tmp_path):
+    from smarthost import aiofsync
+
+    if not aiofsync._numbers:
+        pytest.skip(f"no AIO fsync on {os.uname().machine}")
+    fds = [os.open(tmp_path / f"f{i}", os.O_CREAT | os.O_WRONLY) for i in range(3)]
+    r, w = os.pipe()  # a pipe cannot be fsynced: the kernel refuses it at submission
+    try:
+        for fd in fds:
+            os.write(fd, b"data")
+        got = aiofsync.fsync_all(fds)
+        if got is None:
+            pytest.skip("this kernel refuses AIO fsync")
+        assert got == [None, None, None]
+        assert aiofsync.fsync_all([fds[0], r]) is None  # partly refused: the caller syncs all
+        assert aiofsync.fsync_all(fds[:2]) == [None, None]  # and the next call works
+        assert aiofsync.fsync_all([]) is None and aiofsync.fsync_all(list(range(9))) is None
+    finally:
+        for fd in fds + [r, w]:
+            os.close(fd)
