@@ -12,8 +12,8 @@ threads.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
-import platform
 import threading
 
 #: io_setup, io_submit, io_getevents by architecture (asm-generic numbers elsewhere)
@@ -42,7 +42,7 @@ class _Context(threading.local):
     broken = False
 
 
-_numbers = _SYSCALLS.get(platform.machine())
+_numbers = _SYSCALLS.get(os.uname().machine)
 _libc = ctypes.CDLL(None, use_errno=True) if _numbers else None
 _local = _Context()
 
@@ -83,6 +83,8 @@ def fsync_all(fds: list[int]) -> list[OSError | None] | None:
 
 
 def _wait(ctx: int, count: int, out: list[OSError | None]) -> list[OSError | None]:
+    """Wait for `count` submitted fsyncs; their errors in `out`. If the kernel will not
+    say how they ended, every one counts as failed (the caller then queues nothing)."""
     events = (_Event * count)()
     got = 0
     while got < count:
@@ -91,9 +93,10 @@ def _wait(ctx: int, count: int, out: list[OSError | None]) -> list[OSError | Non
                           None)
         if n < 0:
             err = ctypes.get_errno()
-            if err == 4:  # EINTR
+            if err == errno.EINTR:
                 continue
-            raise OSError(err, os.strerror(err))
+            _local.broken = True
+            return [OSError(err, os.strerror(err))] * len(out)
         got += n
     for ev in events:
         if ev.res < 0:

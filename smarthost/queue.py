@@ -56,7 +56,6 @@ from miniqmail import envelope
 from miniqmail.datefmt import date822
 from miniqmail.exitcodes import QQ
 from miniqmail.fdio import write_all
-from smarthost import aiofsync
 from smarthost.errors import PermanentError, TemporaryError
 from smarthost.fsspread import spread_subdirs
 
@@ -564,8 +563,9 @@ class Draft:
         calls = self.syncs()
         errors = None
         if all(fn is os.fsync for _, fn, _ in calls):  # no directory to sync: see aiofsync
-            errors = aiofsync.fsync_all([arg for _, _, arg in calls])  # type: ignore[misc]
-        return self.settle(side_by_side(_call, calls) if errors is None else errors)
+            from smarthost import aiofsync  # ctypes: only where something is committed
+            errors = aiofsync.fsync_all([fd for _, _, fd in calls])  # type: ignore[misc]
+        return self.settle(calls, side_by_side(_call, calls) if errors is None else errors)
 
     def link(self) -> None:
         """link intd/N -> todo/N: the commit point (durable once syncs() have run)."""
@@ -587,11 +587,11 @@ class Draft:
                     (q.sub("todo"), q._dirsync, q.sub("todo"))]
         return out
 
-    def settle(self, errors: list[OSError | None]) -> Injected:
-        """The commit once syncs() have run, with what each raised: any trouble and
-        todo/N goes (not durable, so not queued; close() removes the rest)."""
+    def settle(self, calls: list[tuple[str, Callable, object]], errors: list[OSError | None]) -> Injected:
+        """The commit once `calls` (its syncs()) have run, with what each raised: any
+        trouble and todo/N goes (not durable, so not queued; close() removes the rest)."""
         q, n = self.queue, self.id
-        for (what, _, _), e in zip(self.syncs(), errors):
+        for (what, _, _), e in zip(calls, errors):
             if e is not None:
                 try:
                     os.unlink(q.todo(n))
@@ -633,24 +633,21 @@ def commit_group(drafts: list[Draft], each: Callable = map) -> list[Injected | Q
     an fsync) then serves several of them."""
     for d in drafts:
         _start_writeback(d._fd)
-    out: list[Injected | QueueError | None] = []
-    calls: list[tuple[str, Callable, object]] = []
-    for d in drafts:
+    out: list[Injected | QueueError | None] = [None] * len(drafts)
+    linked: list[tuple[int, list[tuple[str, Callable, object]]]] = []
+    for i, d in enumerate(drafts):
         try:
             d.link()
         except QueueError as e:
-            out.append(e)
+            out[i] = e
             continue
-        out.append(None)
-        calls += d.syncs()
-    results = iter(list(each(_call, calls)))
-    for i, d in enumerate(drafts):
-        if out[i] is None:
-            errors = [next(results) for _ in d.syncs()]
-            try:
-                out[i] = d.settle(errors)
-            except QueueError as e:
-                out[i] = e
+        linked.append((i, d.syncs()))
+    results = iter(list(each(_call, [c for _, calls in linked for c in calls])))
+    for i, calls in linked:
+        try:
+            out[i] = drafts[i].settle(calls, [next(results) for _ in calls])
+        except QueueError as e:
+            out[i] = e
     return out  # type: ignore[return-value]
 
 

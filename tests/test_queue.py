@@ -500,7 +500,8 @@ def test_a_listing_skips_an_injection_under_way_and_marks_what_it_takes_unsure(r
             sq.preprocess(d.id, routing, listed=True)
         named = sq.preprocess(d.id, routing)  # a poke named it: its injector is done
         assert not named.unsure
-        d.settle([None, None] + [None] * (len(d.syncs()) - 2))
+        calls = d.syncs()
+        d.settle(calls, [None] * len(calls))
     finally:
         d.close()
     listed = sq.preprocess(d.id, routing, listed=True)
