@@ -187,12 +187,11 @@ class Scheduler:
     def note_todo(self, ids: list[int], listed: bool = False) -> None:
         """Note the todo/N not seen yet; fill() preprocesses them as delivery slots come near.
         `listed`: found by listing todo/ rather than named by a poke (see SendQueue.preprocess)."""
+        new = [n for n in dict.fromkeys(ids) if n not in self.messages and n not in self.backlog_ids]
         if listed:
-            new = [n for n in ids if n not in self.messages and n not in self.backlog_ids]
             self.listed.update(new)
         else:
             self.listed.difference_update(ids)  # its injector is done with it
-            new = [n for n in dict.fromkeys(ids) if n not in self.messages and n not in self.backlog_ids]
         self.backlog.extend(new)
         self.backlog_ids.update(new)
 

@@ -130,6 +130,22 @@ def bounce_record(addr: str, report: str) -> bytes:
     return _bytes(f"<{addr.replace(chr(10), '_')}>:\n" + "\n".join(lines) + "\n\n")
 
 
+def _listed_size(path: str, check: tuple[int, int] | None) -> int:
+    """The size of a listed todo/N's message, once its injection is over and the
+    message is what the check record says (see SendQueue.preprocess)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InjectionUnderWay(path) from None
+        if check is not None and message_check(fd) != check:
+            raise IncompleteTodo("the message is not what the check record says")
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 class SendQueue:
     """File operations of qmail-send on a Queue."""
 
@@ -175,20 +191,9 @@ class SendQueue:
         if sender is None:
             raise IncompleteTodo("no sender record")
         try:
-            fd = os.open(q.mess(n), os.O_RDONLY)
+            size = _listed_size(q.mess(n), check) if listed else os.stat(q.mess(n)).st_size
         except FileNotFoundError:
             raise TodoError("mess file missing") from None
-        try:
-            size = os.fstat(fd).st_size
-            if listed:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise InjectionUnderWay(n) from None
-                if check is not None and message_check(fd) != check:
-                    raise IncompleteTodo("the message is not what the check record says")
-        finally:
-            os.close(fd)
         # Left by a persist that a crash cut short: start from scratch.
         if _unlink(q.info(n)):
             for p in (q.channel("local", n), q.channel("remote", n), q.bounce(n)):
