@@ -10,16 +10,17 @@ the envelopes of all of them, starts every message's writeback, then fsyncs
 before it durable too. Two threads rather than one, so that a group gathers
 and starts while the last one waits for the disk. Within a group the fsyncs (two
 per message, see smarthost.queue) run side by side, in a small pool: the disk's
-cache flush, the costly part of each, then serves several at once. The loop hands the sessions that finished during
-one of its turns over together, at the end of the turn: a hand-over wakes a
-thread, which then wants the interpreter the loop holds. Each message keeps the
-order of writes and fsyncs that a lone commit has, and each client is answered
-only once its own message is durable.
+cache flush, the costly part of each, then serves several at once. The loop
+hands the sessions that finished during one of its turns over together, at the
+end of the turn: a hand-over wakes a thread, which then wants the interpreter
+the loop holds. Each message keeps the order of writes and fsyncs that a lone
+commit has, and each client is answered only once its own message is durable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue as _queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -109,11 +110,6 @@ class Committer:
         for _ in self._threads:
             self._jobs.put(None)
 
-    def _side_by_side(self, step: Callable, items: list) -> list:
-        """map(step, items), the calls at once: the first in this thread, the rest in the
-        pool (a group of one message wakes one pool thread for its second fsync)."""
-        return side_by_side(step, items, self._fsyncs)
-
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
@@ -131,7 +127,7 @@ class Committer:
             if jobs:
                 futures = [j[3] for j in jobs]
                 try:
-                    results: list[str | BaseException] | None = _finish_all(jobs, self._side_by_side)
+                    results: list[str | BaseException] | None = _finish_all(jobs, functools.partial(side_by_side, pool=self._fsyncs))
                     error = None
                 except BaseException as e:  # never lose the thread: every session hears
                     results, error = None, e
