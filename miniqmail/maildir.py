@@ -40,7 +40,7 @@ _counter = itertools.count(1)
 # link(2) refused because the filesystem has no hard links: rename instead.
 _NO_LINK = {errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 # fsync(2) on a directory that the filesystem cannot sync: nothing more to do.
-_NO_DIRSYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+NO_DIRSYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
 # open(2) with O_TMPFILE refused: the kernel or the filesystem makes no unnamed files.
 _NO_UNNAMED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL, errno.ENOSYS}
 #: Make the file unnamed in tmp/ where the system can; False always uses qmail's tmp/NAME.
@@ -184,7 +184,7 @@ def fsync_dir(dfd: int) -> None:
     try:
         os.fsync(dfd)
     except OSError as e:
-        if e.errno not in _NO_DIRSYNC:
+        if e.errno not in NO_DIRSYNC:
             raise
 
 

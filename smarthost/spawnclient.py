@@ -44,13 +44,17 @@ START_TIMEOUT = 30.0
 
 class NewDirSync:
     """fsyncs the new/ directories delivery children linked messages into, in turns:
-    while one turn's fsyncs run (in a thread), the reports that arrive wait for the
-    next, which fsyncs each directory once for all of them (group commit across
-    children)."""
+    while one turn's fsyncs run, the reports that arrive wait for the next, which
+    fsyncs each directory once for all of them (group commit across children).
+
+    The fsyncs go to the kernel with AIO (aiofsync.LoopFsyncs), so the loop never
+    waits and no thread wakes for them; where AIO is not to be had, to a thread."""
 
     def __init__(self) -> None:
         self.waiting: list[tuple[list[int], asyncio.Future]] = []
         self.turns: asyncio.Task | None = None
+        self.kernel = None        # aiofsync.LoopFsyncs, once opened
+        self.threads = False      # AIO is not to be had: every turn in a thread
 
     def sync(self, fds: list[int]) -> asyncio.Future:
         """Take `fds` (they are closed here) and sync what they name: the future's
@@ -63,18 +67,18 @@ class NewDirSync:
         return fut
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self.waiting:
                 turn, self.waiting = self.waiting, []
+                reports = [fds for fds, _ in turn]
                 try:
-                    errors = await loop.run_in_executor(None, sync_dirs, [fds for fds, _ in turn])
+                    errors = await self._turn(reports)
                 except asyncio.CancelledError:
-                    for _, fut in turn:  # the thread closes the descriptors
+                    for _, fut in turn:  # the turn closes the descriptors
                         fut.cancel()
                     raise
                 except Exception as e:  # no thread to run it in
-                    for fds, _ in turn:
+                    for fds in reports:
                         _close(fds)
                     errors = [f"{type(e).__name__}: {e}"] * len(turn)
                 for (_, fut), error in zip(turn, errors):
@@ -87,35 +91,95 @@ class NewDirSync:
                 fut.cancel()
             self.waiting = []
 
+    async def _turn(self, reports: list[list[int]]) -> list[str | None]:
+        """One turn's fsyncs, by AIO where it is to be had; the descriptors are closed."""
+        kernel = self._kernel()
+        if kernel is not None:
+            dirs, uses = distinct_dirs(reports)
+            futs = kernel.fsync(dirs)
+            if futs is not None:
+                try:
+                    outcomes = await asyncio.gather(*futs, return_exceptions=True)
+                finally:
+                    for fds in reports:
+                        _close(fds)  # (the kernel holds what it syncs until it is done)
+                return _per_report(uses, [_dir_outcome(o) for o in outcomes])
+        return await asyncio.get_running_loop().run_in_executor(None, sync_dirs, reports)
+
+    def _kernel(self):
+        if self.kernel is None and not self.threads:
+            from smarthost import aiofsync  # ctypes: only where something is delivered
+            self.kernel = aiofsync.LoopFsyncs.open(asyncio.get_running_loop())
+            self.threads = self.kernel is None
+        elif self.kernel is not None and self.kernel.ctx is None:  # it found no AIO fsync
+            self.kernel, self.threads = None, True
+        return self.kernel
+
+    def close(self) -> None:
+        """Free the AIO context (after the fsyncs under way)."""
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
+
+
+def distinct_dirs(reports: list[list[int]]) -> tuple[list[int], list[list[int | str]]]:
+    """One descriptor for each distinct directory (device and inode) `reports` name;
+    for each report, the indexes of its own among them, or why fstat failed."""
+    index: dict[tuple[int, int], int] = {}
+    dirs: list[int] = []
+    uses: list[list[int | str]] = []
+    for fds in reports:
+        mine: list[int | str] = []
+        for fd in fds:
+            try:
+                st = os.fstat(fd)
+            except OSError as e:
+                mine.append(why(e))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key not in index:
+                index[key] = len(dirs)
+                dirs.append(fd)
+            mine.append(index[key])
+        uses.append(mine)
+    return dirs, uses
+
+
+def _per_report(uses: list[list[int | str]], outcomes: list[str | None]) -> list[str | None]:
+    """For each report: None, or why the first of its directories failed."""
+    out = []
+    for mine in uses:
+        errors = [u if isinstance(u, str) else outcomes[u] for u in mine]
+        out.append(next((e for e in errors if e is not None), None))
+    return out
+
+
+def _dir_outcome(outcome: BaseException | None) -> str | None:
+    """An fsync's outcome as a report takes it: a filesystem that cannot sync directories
+    needs nothing more (maildir.fsync_dir)."""
+    if outcome is None:
+        return None
+    if isinstance(outcome, OSError):
+        return None if outcome.errno in maildir.NO_DIRSYNC else why(outcome)
+    return f"{type(outcome).__name__}: {outcome}"
+
 
 def sync_dirs(reports: list[list[int]]) -> list[str | None]:
     """fsync each directory the descriptors of `reports` name, once however many name
     it; close them all. For each report: None, or why one of its directories failed."""
-    synced: dict[tuple[int, int], str | None] = {}  # (dev, ino) -> None, or why not
     try:
-        out = []
-        for fds in reports:
-            errors = [_sync_once(fd, synced) for fd in fds]
-            out.append(next((e for e in errors if e is not None), None))
-        return out
+        dirs, uses = distinct_dirs(reports)
+        outcomes: list[str | None] = []
+        for fd in dirs:
+            try:
+                maildir.fsync_dir(fd)
+                outcomes.append(None)
+            except OSError as e:
+                outcomes.append(why(e))
+        return _per_report(uses, outcomes)
     finally:
         for fds in reports:
             _close(fds)
-
-
-def _sync_once(fd: int, synced: dict[tuple[int, int], str | None]) -> str | None:
-    try:
-        st = os.fstat(fd)
-    except OSError as e:
-        return why(e)
-    key = (st.st_dev, st.st_ino)
-    if key not in synced:
-        try:
-            maildir.fsync_dir(fd)
-            synced[key] = None
-        except OSError as e:
-            synced[key] = why(e)
-    return synced[key]
 
 
 def _close(fds: list[int]) -> None:
@@ -385,3 +449,5 @@ class LocalSpawner:
                 await asyncio.wait_for(self.proc.wait(), 30)
             except asyncio.TimeoutError:
                 self.proc.kill()
+                await self.proc.wait()
+        self.new_dirs.close()

@@ -157,8 +157,9 @@ async def run_scheduler_until(sched, out, marker: str, timeout: float = 20.0) ->
 
 
 class GatedFsync:
-    """Stands for maildir.fsync_dir in the scheduler's process: records which directory
-    each call syncs, holds every call until `gate` is set, and fails while `error` is set."""
+    """Stands for maildir.fsync_dir in the scheduler's process (or wraps the AIO fsyncs
+    that replace it, `aio`): records which directory each call syncs, holds every call
+    until `gate` is set, and fails while `error` is set."""
 
     def __init__(self, real):
         self.real = real
@@ -173,3 +174,76 @@ class GatedFsync:
         if self.error is not None:
             raise self.error
         self.real(fd)
+
+    def aio(self, real_fsync):
+        """The same gate around aiofsync.LoopFsyncs.fsync: each fsync really goes to the
+        kernel, and its future is settled only once the gate is open."""
+        import asyncio
+
+        async def release(fut, held):
+            try:
+                await fut
+                err = None
+            except OSError as e:
+                err = e
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+            err = self.error or err
+            if not held.done():
+                held.set_exception(err) if err else held.set_result(None)
+
+        def fsync(kernel, fds):
+            futs = real_fsync(kernel, fds)
+            if futs is None:
+                return None
+            held = []
+            for fd, fut in zip(fds, futs):
+                st = os.fstat(fd)
+                self.calls.append((st.st_dev, st.st_ino))
+                held.append(kernel.loop.create_future())
+                kernel.loop.create_task(release(fut, held[-1]))
+            return held
+        return fsync
+
+
+_aio_works: list[bool] = []
+
+
+def aio_fsync_works() -> bool:
+    """Whether this machine's kernel takes an AIO fsync from an event loop."""
+    if not _aio_works:
+        import asyncio
+        import tempfile
+
+        from smarthost import aiofsync
+
+        async def probe() -> bool:
+            kernel = aiofsync.LoopFsyncs.open(asyncio.get_running_loop())
+            if kernel is None:
+                return False
+            fd = os.open(tempfile.gettempdir(), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                futs = kernel.fsync([fd])
+                return futs is not None and await futs[0] is None
+            finally:
+                kernel.close()
+                os.close(fd)
+        _aio_works.append(asyncio.run(probe()))
+    return _aio_works[0]
+
+
+@pytest.fixture(params=["aio", "threads"])
+def new_dir_fsync(request, monkeypatch) -> GatedFsync:
+    """A GatedFsync for the scheduler's fsyncs of new/: by AIO, or (where that is not to
+    be had, and forced here) in a worker thread."""
+    from smarthost import aiofsync, spawnclient
+
+    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
+    if request.param == "aio":
+        if not aio_fsync_works():
+            pytest.skip("this kernel takes no AIO fsync from an event loop")
+        monkeypatch.setattr(aiofsync.LoopFsyncs, "fsync", fsync.aio(aiofsync.LoopFsyncs.fsync))
+    else:
+        monkeypatch.setattr(aiofsync.LoopFsyncs, "open", classmethod(lambda cls, loop: None))
+        monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
+    return fsync

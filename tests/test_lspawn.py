@@ -5,6 +5,7 @@ same user, and a child that dies costs only its own delivery."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import signal
@@ -468,13 +469,10 @@ def test_a_child_hands_the_new_directories_it_linked_into_to_the_scheduler(root,
 
 
 def test_a_delivery_counts_only_once_the_scheduler_has_synced_new_once_for_many(root, home, messid,
-                                                                                monkeypatch):
+                                                                                new_dir_fsync):
     """Six children link their messages into one new/: none is reported delivered while
     new/'s fsync is held, and one or two fsyncs (turns) cover all six."""
-    from smarthost import spawnclient
-
-    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
-    monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
+    fsync = new_dir_fsync
     new = os.path.join(home, "Maildir", "new")
 
     async def scenario(sp):
@@ -495,14 +493,11 @@ def test_a_delivery_counts_only_once_the_scheduler_has_synced_new_once_for_many(
     run(root, scenario)
 
 
-def test_a_delivery_whose_new_cannot_be_synced_is_deferred(root, home, messid, monkeypatch):
+def test_a_delivery_whose_new_cannot_be_synced_is_deferred(root, home, messid, new_dir_fsync):
     """An fsync of new/ that fails leaves the delivery not known to be durable: Z, retried later."""
-    from smarthost import spawnclient
-
-    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
+    fsync = new_dir_fsync
     fsync.gate.set()
     fsync.error = OSError(5, "Input/output error")
-    monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
 
     async def scenario(sp):
         letter, text = await sp.deliver(messid, "a@b.example", "example@mx.test.invalid")
@@ -510,6 +505,28 @@ def test_a_delivery_whose_new_cannot_be_synced_is_deferred(root, home, messid, m
         fsync.error = None
         assert await sp.deliver(messid, "a@b.example", "example@mx.test.invalid") == ("K", "did 1+0+0\n")
     run(root, scenario)
+
+
+def test_with_aio_the_fsyncs_of_new_wake_no_thread(root, home, messid):
+    """Where the kernel takes AIO fsyncs, new/ is synced without a worker thread: deliveries
+    are counted with every thread pool refused, and the directory is durable after."""
+    from tests.conftest import aio_fsync_works
+
+    if not aio_fsync_works():
+        pytest.skip("this kernel takes no AIO fsync from an event loop")
+
+    class NoThreads(concurrent.futures.Executor):
+        def submit(self, *args, **kwargs):
+            raise RuntimeError("no thread here")
+
+    async def scenario(sp):
+        asyncio.get_running_loop().set_default_executor(NoThreads())
+        results = await asyncio.gather(*(sp.deliver(messid, "a@b.example", "example@mx.test.invalid")
+                                         for _ in range(3)))
+        assert results == [("K", "did 1+0+0\n")] * 3
+        assert sp.new_dirs.kernel is not None and not sp.new_dirs.kernel.pending
+    run(root, scenario)
+    assert len(os.listdir(os.path.join(home, "Maildir", "new"))) == 3
 
 
 def test_sync_dirs_fsyncs_each_directory_once_and_closes_every_descriptor(tmp_path, monkeypatch):

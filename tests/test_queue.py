@@ -1,5 +1,6 @@
 """The queue: qmail's layout, the injection order, recovery from a crash at each step, qmail-queue."""
 
+import asyncio
 import errno
 import io
 import os
@@ -572,4 +573,44 @@ def test_aio_fsync_syncs_all_or_leaves_them_to_the_caller(tmp_path):
         assert aiofsync.fsync_all([]) is None and aiofsync.fsync_all(list(range(9))) is None
     finally:
         for fd in fds + [r, w]:
+            os.close(fd)
+
+
+def test_loop_aio_fsyncs_settle_futures_from_the_event_loop(tmp_path):
+    """LoopFsyncs: fsyncs of a file and a directory end as futures the loop settles; a
+    descriptor the kernel refuses fails alone once AIO has proven to work, and makes it
+    step aside (None, nothing started) before; close() waits for what is under way."""
+    from smarthost import aiofsync
+    from tests.conftest import aio_fsync_works
+
+    if not aio_fsync_works():
+        pytest.skip("this kernel takes no AIO fsync from an event loop")
+    f = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY)
+    d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    r, w = os.pipe()  # a pipe cannot be fsynced: the kernel refuses it at submission
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        first = aiofsync.LoopFsyncs.open(loop)
+        assert first.fsync([r]) is None and first.ctx is None   # never worked: step aside
+
+        kernel = aiofsync.LoopFsyncs.open(loop)
+        os.write(f, b"data")
+        assert await asyncio.wait_for(asyncio.gather(*kernel.fsync([f, d])), 10) == [None, None]
+        ok, refused = kernel.fsync([f, r])
+        assert await asyncio.wait_for(ok, 10) is None
+        with pytest.raises(OSError) as e:
+            await refused
+        assert e.value.errno == errno.EINVAL
+        assert kernel.fsync([f] * (kernel.DEPTH + 1)) is None   # more than it may have under way
+
+        under_way = kernel.fsync([f, d])
+        kernel.close()   # waits for them: settled, not cancelled
+        assert [fut.result() for fut in under_way] == [None, None]
+        assert kernel.fsync([f]) is None and not kernel.pending
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for fd in (f, d, r, w):
             os.close(fd)

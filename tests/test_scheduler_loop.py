@@ -252,17 +252,14 @@ def test_a_message_whose_poke_never_came_is_found_by_a_later_poke(root, monkeypa
     assert sorted(sent) == sorted([orphan, named])
 
 
-def test_a_local_delivery_waiting_for_new_to_be_synced_holds_no_slot_and_stop_waits_for_it(root, monkeypatch):
+def test_a_local_delivery_waiting_for_new_to_be_synced_holds_no_slot_and_stop_waits_for_it(root,
+                                                                                           new_dir_fsync):
     """With concurrencylocal 1, a second delivery starts while the first one's new/ is
     still being synced (its child is free); neither counts before the sync, and a stop
     asked meanwhile waits for both to be recorded."""
-    from smarthost import spawnclient
-    from tests.conftest import GatedFsync
-
     with open(os.path.join(root.control_dir, "concurrencylocal"), "w") as f:
         f.write("1\n")
-    fsync = GatedFsync(spawnclient.maildir.fsync_dir)
-    monkeypatch.setattr(spawnclient.maildir, "fsync_dir", fsync)
+    fsync = new_dir_fsync
     out = io.StringIO()
     q = Queue(root.queue_dir)
     new = root.sub("home", "example", "Maildir", "new")
