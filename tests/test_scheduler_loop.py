@@ -180,6 +180,44 @@ def test_removing_a_finished_message_never_holds_up_the_loop(root):
     assert q.mess_ids() == []
 
 
+def test_messages_finished_close_together_are_removed_in_one_thread_turn(root, monkeypatch):
+    """Removals wait REMOVAL_GATHER for company: ten messages finishing a few milliseconds
+    apart cost a turn or two of a worker thread, not one each, and all are removed."""
+    from smarthost import send
+
+    out = io.StringIO()
+    q = Queue(root.queue_dir)
+    ids = [q.inject(b"Subject: gathered\n\nx\n", "a@here.example", [f"r@d{i}.example"]).id
+           for i in range(10)]
+    turns: list[list[int]] = []
+    real_each = send._each
+
+    def each(fn, items):
+        if getattr(fn, "__name__", "") == "finish":
+            turns.append([m.id for m in items])
+        return real_each(fn, items)
+    monkeypatch.setattr(send, "_each", each)
+    started = asyncio.Event()
+
+    async def remote(msg, recipients, messpath):
+        await started.wait()
+        await asyncio.sleep(0.002 * ids.index(msg.id))  # one after another, 2 ms apart
+        return [("K", "127.0.0.2 accepted message.")] * len(recipients)
+
+    async def main():
+        sched = Scheduler(root, Log(out), remote=remote)
+        task = asyncio.create_task(sched.run())
+        await until(lambda: sched.in_flight == 10)
+        started.set()
+        await stop_when_empty(sched, q, 10)
+        await task
+
+    evloop.run(main())
+    assert sorted(n for turn in turns for n in turn) == sorted(ids)
+    assert 1 <= len(turns) <= 4, turns  # one each would be ten
+    assert q.mess_ids() == [] and out.getvalue().count("end msg") == 10
+
+
 def recording_remote(sent: list[int]):
     """A relay that accepts everything and notes which messages it was given."""
     async def remote(msg, recipients, messpath):
