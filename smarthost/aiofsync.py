@@ -25,8 +25,8 @@ import weakref
 _SYSCALLS = {"x86_64": (206, 209, 208, 207), "aarch64": (0, 2, 4, 1), "arm64": (0, 2, 4, 1)}
 IOCB_CMD_FSYNC = 2
 IOCB_FLAG_RESFD = 1
-#: fsyncs one call may submit (a commit has two, four where directories need theirs)
-MAX_EVENTS = 8
+#: fsyncs one call may submit (a commit has two; a group commit two a message)
+MAX_EVENTS = 256
 
 
 class _Iocb(ctypes.Structure):

@@ -561,11 +561,7 @@ class Draft:
         """Commit what stage() prepared and wait until it is durable; not poked."""
         self.link()
         calls = self.syncs()
-        errors = None
-        if all(fn is os.fsync for _, fn, _ in calls):  # no directory to sync: see aiofsync
-            from smarthost import aiofsync  # ctypes: only where something is committed
-            errors = aiofsync.fsync_all([fd for _, _, fd in calls])  # type: ignore[misc]
-        return self.settle(calls, side_by_side(_call, calls) if errors is None else errors)
+        return self.settle(calls, run_syncs(calls))
 
     def link(self) -> None:
         """link intd/N -> todo/N: the commit point (durable once syncs() have run)."""
@@ -627,10 +623,11 @@ def commit_group(drafts: list[Draft], each: Callable = map) -> list[Injected | Q
     (one todo/ write covers the links made before it). Nothing is poked. A draft
     that fails gets its QueueError in its place, and the others go on.
 
-    `each(step, items)` runs a step for every item and returns the results in
-    order: by default one after another. Given a thread pool's map, the group's
-    fsyncs wait side by side, and each cache flush of the disk (the costly part of
-    an fsync) then serves several of them."""
+    The group's fsyncs wait side by side, and each cache flush of the disk (the
+    costly part of an fsync) then serves several of them: plain fsyncs go to the
+    kernel in one AIO submission (run_syncs); otherwise `each(step, items)` runs
+    them and returns the results in order (by default one after another; given a
+    thread pool's map, side by side)."""
     for d in drafts:
         _start_writeback(d._fd)
     out: list[Injected | QueueError | None] = [None] * len(drafts)
@@ -642,13 +639,25 @@ def commit_group(drafts: list[Draft], each: Callable = map) -> list[Injected | Q
             out[i] = e
             continue
         linked.append((i, d.syncs()))
-    results = iter(list(each(_call, [c for _, calls in linked for c in calls])))
+    results = iter(run_syncs([c for _, calls in linked for c in calls], each))
     for i, calls in linked:
         try:
             out[i] = drafts[i].settle(calls, [next(results) for _ in calls])
         except QueueError as e:
             out[i] = e
     return out  # type: ignore[return-value]
+
+
+def run_syncs(calls: list[tuple[str, Callable, object]], each: Callable = None) -> list[OSError | None]:
+    """Run Draft.syncs() calls all at once; what each raised, or None. Plain fsyncs go
+    to the kernel together by AIO (see smarthost.aiofsync), else `each` runs them
+    (side_by_side by default)."""
+    if calls and all(fn is os.fsync for _, fn, _ in calls):  # no directory to sync
+        from smarthost import aiofsync  # ctypes: only where something is committed
+        errors = aiofsync.fsync_all([fd for _, _, fd in calls])  # type: ignore[misc]
+        if errors is not None:
+            return errors
+    return list((each or side_by_side)(_call, calls))
 
 
 def _call(call: tuple[str, Callable, object]) -> OSError | None:

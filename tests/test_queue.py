@@ -570,7 +570,7 @@ def test_aio_fsync_syncs_all_or_leaves_them_to_the_caller(tmp_path):
         assert got == [None, None, None]
         assert aiofsync.fsync_all([fds[0], r]) is None  # partly refused: the caller syncs all
         assert aiofsync.fsync_all(fds[:2]) == [None, None]  # and the next call works
-        assert aiofsync.fsync_all([]) is None and aiofsync.fsync_all(list(range(9))) is None
+        assert aiofsync.fsync_all([]) is None and aiofsync.fsync_all(list(range(aiofsync.MAX_EVENTS + 1))) is None
     finally:
         for fd in fds + [r, w]:
             os.close(fd)
