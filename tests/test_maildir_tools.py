@@ -438,8 +438,15 @@ def read_until(fd: int, seen: bytearray, needle: bytes, timeout: float = 15.0) -
 def test_maildirwatch_on_a_terminal_refreshes(md):
     put(md, "new", "1.a.host", b"Return-Path: <a@x>\nDelivered-To: me@y\nSubject: first\n\n", T0)
     master, slave = pty.openpty()
-    proc = subprocess.Popen(command("maildirwatch", "maildirwatch"), stdin=slave, stdout=slave,
-                            stderr=slave, env=watch_env(md), start_new_session=True)
+    # Ctrl-C as at a terminal: a job a script starts in the background inherits SIGINT
+    # ignored (and so would this program, which then rightly ignores it); a handler
+    # here is reset to the default in the program.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(command("maildirwatch", "maildirwatch"), stdin=slave, stdout=slave,
+                                stderr=slave, env=watch_env(md), start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     os.close(slave)
     seen = bytearray()
     try:
