@@ -57,14 +57,38 @@ _libc = ctypes.CDLL(None, use_errno=True) if _numbers else None
 _local = _Context()
 
 
+def _setup() -> int | None:
+    """A new AIO context for MAX_EVENTS fsyncs under way; None if the kernel will not."""
+    ctx = ctypes.c_ulong(0)
+    return ctx.value if _libc.syscall(_numbers[0], MAX_EVENTS, ctypes.byref(ctx)) == 0 else None
+
+
 def _context() -> int | None:
     if _local.ctx is None and not _local.broken:
-        ctx = ctypes.c_ulong(0)
-        if _libc.syscall(_numbers[0], MAX_EVENTS, ctypes.byref(ctx)) == 0:
-            _local.ctx = ctx.value
-        else:
-            _local.broken = True
+        _local.ctx = _setup()
+        _local.broken = _local.ctx is None
     return _local.ctx
+
+
+def _submissions(fds: list[int], first_key: int = 0, resfd: int | None = None):
+    """The io_submit argument for an fsync of each of `fds`: their iocbs' addresses,
+    keyed first_key, first_key + 1, ...; each signals `resfd` (an eventfd) when given."""
+    iocbs = (_Iocb * len(fds))()
+    ptrs = (ctypes.POINTER(_Iocb) * len(fds))()
+    for i, fd in enumerate(fds):
+        iocbs[i].aio_data = first_key + i
+        iocbs[i].aio_lio_opcode = IOCB_CMD_FSYNC
+        iocbs[i].aio_fildes = fd
+        if resfd is not None:
+            iocbs[i].aio_flags = IOCB_FLAG_RESFD
+            iocbs[i].aio_resfd = resfd
+        ptrs[i] = ctypes.pointer(iocbs[i])
+    return ptrs
+
+
+def _outcome(res: int) -> OSError | None:
+    """An event's result as fsync's: None, or the OSError it failed with."""
+    return OSError(-res, os.strerror(-res)) if res < 0 else None
 
 
 def fsync_all(fds: list[int]) -> list[OSError | None] | None:
@@ -75,13 +99,7 @@ def fsync_all(fds: list[int]) -> list[OSError | None] | None:
     ctx = _context()
     if ctx is None:
         return None
-    iocbs = (_Iocb * len(fds))()
-    ptrs = (ctypes.POINTER(_Iocb) * len(fds))()
-    for i, fd in enumerate(fds):
-        iocbs[i].aio_data = i
-        iocbs[i].aio_lio_opcode = IOCB_CMD_FSYNC
-        iocbs[i].aio_fildes = fd
-        ptrs[i] = ctypes.pointer(iocbs[i])
+    ptrs = _submissions(fds)
     submitted = _libc.syscall(_numbers[1], ctypes.c_ulong(ctx), ctypes.c_long(len(fds)), ptrs)
     if submitted != len(fds):
         if submitted <= 0:
@@ -109,8 +127,7 @@ def _wait(ctx: int, count: int, out: list[OSError | None]) -> list[OSError | Non
             return [OSError(err, os.strerror(err))] * len(out)
         got += n
     for ev in events:
-        if ev.res < 0:
-            out[ev.data] = OSError(-ev.res, os.strerror(-ev.res))
+        out[ev.data] = _outcome(ev.res)
     return out
 
 
@@ -131,7 +148,7 @@ class LoopFsyncs:
     when the eventfd the kernel signals (IOCB_FLAG_RESFD) says it has ended."""
 
     #: fsyncs under way at most; `fsync` declines more (the caller then uses threads)
-    DEPTH = 256
+    DEPTH = MAX_EVENTS
 
     def __init__(self, loop, ctx: int, efd: int):
         self.loop, self.ctx, self.efd = loop, ctx, efd
@@ -146,17 +163,15 @@ class LoopFsyncs:
     @classmethod
     def open(cls, loop) -> "LoopFsyncs | None":
         """A context and an eventfd watched by `loop`; None where AIO is not to be had."""
-        if _numbers is None:
-            return None
-        ctx = ctypes.c_ulong(0)
-        if _libc.syscall(_numbers[0], cls.DEPTH, ctypes.byref(ctx)) != 0:
+        ctx = None if _numbers is None else _setup()
+        if ctx is None:
             return None
         try:
             efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError:
-            _libc.syscall(_numbers[3], ctypes.c_ulong(ctx.value))
+            _libc.syscall(_numbers[3], ctypes.c_ulong(ctx))
             return None
-        return cls(loop, ctx.value, efd)
+        return cls(loop, ctx, efd)
 
     def fsync(self, fds: list[int]) -> list | None:
         """Start an fsync of each of `fds`: a future each, whose result is None or whose
@@ -164,17 +179,8 @@ class LoopFsyncs:
         (it has no AIO fsync, or too many are under way): nothing was started then."""
         if self.ctx is None or len(self.pending) + len(fds) > self.DEPTH:
             return None
-        iocbs = (_Iocb * len(fds))()
-        ptrs = (ctypes.POINTER(_Iocb) * len(fds))()
-        futs = []
-        for i, fd in enumerate(fds):
-            iocbs[i].aio_data = self.next_key + i
-            iocbs[i].aio_lio_opcode = IOCB_CMD_FSYNC
-            iocbs[i].aio_fildes = fd
-            iocbs[i].aio_flags = IOCB_FLAG_RESFD
-            iocbs[i].aio_resfd = self.efd
-            ptrs[i] = ctypes.pointer(iocbs[i])
-            futs.append(self.loop.create_future())
+        ptrs = _submissions(fds, self.next_key, self.efd)
+        futs = [self.loop.create_future() for _ in fds]
         done = 0
         while done < len(fds):
             n = _libc.syscall(_numbers[1], ctypes.c_ulong(self.ctx), ctypes.c_long(len(fds) - done),
@@ -225,10 +231,8 @@ class LoopFsyncs:
                 fut = self.pending.pop(ev.data, None)
                 if fut is None or fut.done():
                     continue
-                if ev.res < 0:
-                    fut.set_exception(OSError(-ev.res, os.strerror(-ev.res)))
-                else:
-                    fut.set_result(None)
+                err = _outcome(ev.res)
+                fut.set_result(None) if err is None else fut.set_exception(err)
             if not block and n < len(self.events):
                 return
 
