@@ -77,14 +77,16 @@ def clean_text(text: str) -> str:
     return text
 
 
-def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
-    """One message, the descriptors it carries (close-on-exec: a program a child runs
-    must not inherit them; socket.recv_fds drops its flags), and whether it was cut."""
-    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(4 * _INT), socket.MSG_CMSG_CLOEXEC)
-    return data, fds_in(ancdata), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
-
-
 _INT = array.array("i").itemsize
+_CUT = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+
+
+def receive(sock: socket.socket, size: int, fds_max: int = 4) -> tuple[bytes, list[int], bool]:
+    """One message, the descriptors it carries (up to `fds_max`; close-on-exec: a
+    program a child runs must not inherit them; socket.recv_fds drops its flags),
+    and whether it was cut (more bytes or descriptors than that)."""
+    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(fds_max * _INT), socket.MSG_CMSG_CLOEXEC)
+    return data, fds_in(ancdata), bool(flags & _CUT)
 
 
 def fds_in(ancdata: list) -> list[int]:

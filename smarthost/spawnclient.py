@@ -27,7 +27,7 @@ from typing import Callable
 from miniqmail import maildir
 from miniqmail.fdio import why
 from smarthost import users
-from smarthost.lspawn import NEW_DIRS_MAX, RESULT_LIMIT, clean_text, fds_in, letter_for
+from smarthost.lspawn import NEW_DIRS_MAX, RESULT_LIMIT, clean_text, letter_for, receive
 from smarthost.queue import Queue
 from smarthost.root import Root
 
@@ -202,9 +202,6 @@ class Child:
         self.idle_since = 0.0
 
 
-_ANC_SPACE = socket.CMSG_SPACE(NEW_DIRS_MAX * array.array("i").itemsize)  # a report's new/ descriptors
-
-
 class LocalSpawner:
     """Local deliveries, each in a child of smarthost.lspawn.
 
@@ -377,14 +374,13 @@ class LocalSpawner:
 
     def _readable(self, child: Child) -> None:
         try:
-            data, anc, flags, _ = child.sock.recvmsg(RESULT_LIMIT, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+            data, fds, cut = receive(child.sock, RESULT_LIMIT, NEW_DIRS_MAX)
         except BlockingIOError:
             return
         except OSError:
-            data, anc, flags = b"", [], 0
-        fds = fds_in(anc)
+            data, fds, cut = b"", [], False
         code_s, sep, text = data.partition(b"\0")
-        if (not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or child.fut is None
+        if (not data or cut or child.fut is None
                 or not sep or not code_s.lstrip(b"-").isdigit()):
             _close(fds)
             self._drop(child)  # its end of file, or it broke the protocol: it gets no more work
