@@ -74,12 +74,10 @@ class NewDirSync:
                 try:
                     errors = await self._turn(reports)
                 except asyncio.CancelledError:
-                    for _, fut in turn:  # the turn closes the descriptors
+                    for _, fut in turn:
                         fut.cancel()
                     raise
-                except Exception as e:  # no thread to run it in
-                    for fds in reports:
-                        _close(fds)
+                except Exception as e:  # no thread to run it in, say
                     errors = [f"{type(e).__name__}: {e}"] * len(turn)
                 for (_, fut), error in zip(turn, errors):
                     if not fut.done():
@@ -92,19 +90,29 @@ class NewDirSync:
             self.waiting = []
 
     async def _turn(self, reports: list[list[int]]) -> list[str | None]:
-        """One turn's fsyncs, by AIO where it is to be had; the descriptors are closed."""
-        kernel = self._kernel()
-        if kernel is not None:
-            dirs, uses = distinct_dirs(reports)
-            futs = kernel.fsync(dirs)
-            if futs is not None:
-                try:
-                    outcomes = await asyncio.gather(*futs, return_exceptions=True)
-                finally:
-                    for fds in reports:
-                        _close(fds)  # (the kernel holds what it syncs until it is done)
-                return _per_report(uses, [_dir_outcome(o) for o in outcomes])
-        return await asyncio.get_running_loop().run_in_executor(None, sync_dirs, reports)
+        """One turn's fsyncs, by AIO where it is to be had. The descriptors are closed
+        once, whatever happens: here, or by sync_dirs in its thread (which runs on even
+        if the turn is cancelled)."""
+        try:
+            kernel = self._kernel()
+            futs = None
+            if kernel is not None:
+                dirs, uses = distinct_dirs(reports)
+                futs = kernel.fsync(dirs)
+            if futs is None:
+                thread = asyncio.get_running_loop().run_in_executor(None, sync_dirs, reports)
+        except BaseException:
+            for fds in reports:
+                _close(fds)
+            raise
+        if futs is None:
+            return await thread
+        try:
+            outcomes = await asyncio.gather(*futs, return_exceptions=True)
+        finally:
+            for fds in reports:
+                _close(fds)  # (the kernel holds what it syncs until it is done)
+        return _per_report(uses, [_dir_outcome(o) for o in outcomes])
 
     def _kernel(self):
         if self.kernel is None and not self.threads:

@@ -529,6 +529,30 @@ def test_with_aio_the_fsyncs_of_new_wake_no_thread(root, home, messid):
     assert len(os.listdir(os.path.join(home, "Maildir", "new"))) == 3
 
 
+def test_without_aio_or_a_thread_new_is_not_synced_the_delivery_deferred_and_nothing_leaks(
+        root, home, messid, monkeypatch):
+    """Where neither AIO nor a worker thread can sync new/, the delivery is deferred (it
+    is linked, but not known to be durable) and every descriptor the report carried is
+    closed, once."""
+    from smarthost import aiofsync
+
+    monkeypatch.setattr(aiofsync.LoopFsyncs, "open", classmethod(lambda cls, loop: None))
+
+    class NoThreads(concurrent.futures.Executor):
+        def submit(self, *args, **kwargs):
+            raise RuntimeError("no thread here")
+
+    async def scenario(sp):
+        assert await sp.deliver(messid, "a@b.example", "example@mx.test.invalid") == ("K", "did 1+0+0\n")
+        before = sorted(os.listdir("/proc/self/fd"))
+        asyncio.get_running_loop().set_default_executor(NoThreads())
+        for _ in range(3):
+            assert await sp.deliver(messid, "a@b.example", "example@mx.test.invalid") == (
+                "Z", "Unable to sync the maildir: RuntimeError: no thread here. (#4.3.0)")
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    run(root, scenario)
+
+
 def test_sync_dirs_fsyncs_each_directory_once_and_closes_every_descriptor(tmp_path, monkeypatch):
     from smarthost import spawnclient
 
