@@ -9,8 +9,10 @@ the envelopes of all of them, starts every message's writeback, then fsyncs
 (or the journal commit) that makes one link durable makes the others made
 before it durable too. Two threads rather than one, so that a group gathers
 and starts while the last one waits for the disk. Within a group the fsyncs (two
-per message, see smarthost.queue) run side by side, in a small pool: the disk's
-cache flush, the costly part of each, then serves several at once. The loop
+per message, see smarthost.queue) run side by side, in one Linux AIO submission
+(or, where the kernel refuses it or a directory needs its own fsync, in a small
+pool): the disk's cache flush, the costly part of each, then serves several at
+once. The loop
 hands the sessions that finished during one of its turns over together, at the
 end of the turn: a hand-over wakes a thread, which then wants the interpreter
 the loop holds. Each message keeps the order of writes and fsyncs that a lone

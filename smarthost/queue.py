@@ -35,7 +35,7 @@ file's lock free (see SendQueue.preprocess).
 The directory fsyncs are coalesced across concurrent injectors (group commit),
 and skipped where a file's fsync already commits its links (FSYNC_COVERS_LINKS).
 commit_group() takes several staged drafts through each step together (their
-fsyncs side by side, where the caller lends it threads).
+fsyncs side by side: one AIO submission, see run_syncs, or the caller's threads).
 A crash before the todo link leaves S2, which nothing else reads.
 """
 
