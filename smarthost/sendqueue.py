@@ -139,9 +139,11 @@ def _listed_size(path: str, check: tuple[int, int] | None) -> int:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InjectionUnderWay(path) from None
-        if check is not None and message_check(fd) != check:
+        if check is None:  # an older queue's envelope: nothing to check against
+            return os.fstat(fd).st_size
+        if message_check(fd) != check:
             raise IncompleteTodo("the message is not what the check record says")
-        return os.fstat(fd).st_size
+        return check[0]
     finally:
         os.close(fd)
 
