@@ -26,7 +26,7 @@ Injection order (each step one create, link or unlink):
 qmail-queue waits for two cache flushes of the disk in a row: the message's, then
 the envelope's, before its link. Here the client waits for one, because a crash in
 between is told apart afterwards: the check record (`c<bytes> <crc32 of mess> <crc32
-of the envelope before it>`, a record qmail-send skips) says what the message and
+of the envelope before it> <N>`, a record qmail-send skips) says what the message and
 the envelope were when committed, so a todo/N whose files a crash cut short is
 found and removed as an injection never acknowledged (sendqueue.IncompleteTodo).
 The scheduler takes a todo/N only once its injection is over: named by its
@@ -77,17 +77,20 @@ class TornEntry(ValueError):
     """An envelope or message that is not what its check record says: a crash cut it short."""
 
 
-def check_record(size: int, crc: int, head: bytes) -> bytes:
-    """The envelope's last record: the message's length and CRC-32, and the CRC-32 of
-    the records before it (`head`)."""
-    return b"c%d %08x %08x\0" % (size, crc, zlib.crc32(head))
+def check_record(size: int, crc: int, head: bytes, n: int) -> bytes:
+    """The envelope's last record: the message's length and CRC-32, the CRC-32 of the
+    records before it (`head`), and the message's number N (a reused intd file's
+    stale envelope names another message: see Queue.take_spare)."""
+    return b"c%d %08x %08x %d\0" % (size, crc, zlib.crc32(head), n)
 
 
-def split_check(data: bytes, required: bool = False) -> tuple[bytes, tuple[int, int] | None]:
+def split_check(data: bytes, required: bool = False,
+                n: int | None = None) -> tuple[bytes, tuple[int, int] | None]:
     """An envelope's records before its check record, and the (length, CRC-32) of the
     message it names; (data, None) for an envelope without one (an older queue's).
     TornEntry if the check record is malformed, missing where `required` (the file's
-    mode has CHECKED), or the records before it differ."""
+    mode has CHECKED), the records before it differ, or it names a message other
+    than `n` (a record without a number, from an older version, names none)."""
     start = data.rfind(b"\0", 0, len(data) - 1) + 1
     last = data[start:-1] if data.endswith(b"\0") else b""
     if last[:1] != b"c":
@@ -95,9 +98,11 @@ def split_check(data: bytes, required: bool = False) -> tuple[bytes, tuple[int, 
             raise TornEntry("the envelope has lost its check record")
         return data, None
     head = data[:start]
-    m = re.fullmatch(rb"c(\d{1,20}) ([0-9a-f]{8}) ([0-9a-f]{8})", last)
+    m = re.fullmatch(rb"c(\d{1,20}) ([0-9a-f]{8}) ([0-9a-f]{8})(?: (\d{1,20}))?", last)
     if m is None or int(m.group(3), 16) != zlib.crc32(head):
         raise TornEntry("the envelope is not what its check record says")
+    if n is not None and m.group(4) is not None and int(m.group(4)) != n:
+        raise TornEntry("the envelope is another message's")
     return head, (int(m.group(1)), int(m.group(2), 16))
 
 
@@ -356,7 +361,7 @@ class Queue:
         data += sender + b"\0"
         for r in rcpts:
             data += b"T" + r + b"\0"
-        data += check_record(*check, data)
+        data += check_record(*check, data, n)
         try:
             write_all(fd, bytes(data))
         except OSError as e:

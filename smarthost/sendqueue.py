@@ -169,7 +169,7 @@ class SendQueue:
             data = f.read()
             checked = bool(os.fstat(f.fileno()).st_mode & CHECKED)
         try:
-            records, check = split_check(data, checked)
+            records, check = split_check(data, checked, n)
         except TornEntry as e:
             raise IncompleteTodo(str(e)) from None
         uid = qp = 0

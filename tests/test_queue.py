@@ -47,8 +47,9 @@ def test_inject_writes_mess_and_todo_named_by_inode(q):
                     rb"Subject: hi\n\nbody\n$", mess)
     todo = open(q.todo(n), "rb").read()
     head = b"u%d\0p%d\0Fa@b.example\0Tc@d.example\0Te@f\0" % (os.getuid(), done.qp)
-    # qmail's records, then the check record: the message's length and CRC-32, the records' CRC-32
-    assert todo == head + b"c%d %08x %08x\0" % (len(mess), zlib.crc32(mess), zlib.crc32(head))
+    # qmail's records, then the check record: the message's length and CRC-32, the records'
+    # CRC-32, the message's number
+    assert todo == head + b"c%d %08x %08x %d\0" % (len(mess), zlib.crc32(mess), zlib.crc32(head), n)
     assert q.todo_ids() == [n]
     assert os.listdir(q.sub("pid")) == []
 
@@ -425,22 +426,40 @@ def test_split_check_returns_the_records_and_the_message_check(q):
     assert split_check(head) == (head, None)  # an envelope of an older queue: no check to make
 
 
-@given(st.binary(max_size=200), st.integers(0, 10**6), st.binary(max_size=300), st.booleans())
-def test_split_check_tells_every_envelope_a_crash_cut_short(tail, cut, stale, short):
+@given(st.binary(max_size=200), st.integers(0, 10**6), st.binary(max_size=300), st.booleans(),
+       st.integers(0, 2**64))
+def test_split_check_tells_every_envelope_a_crash_cut_short(tail, cut, stale, short, n):
     """A crash leaves a prefix of the envelope and then nothing (a short file) or
     whatever the disk block held before (zeros, another file's bytes): with the
-    check record required (the file's mode says so), every such envelope is told."""
+    check record required (the file's mode says so), every such envelope is told,
+    unless what is left says all the whole one says (a tear in its last field only)."""
     from smarthost.queue import TornEntry, check_record, split_check
 
     head = b"u0\0p1\0Fa@b\0T" + tail.replace(b"\0", b"x") + b"\0"
-    env = head + check_record(10, 0x1234, head)
-    assert split_check(env, required=True) == (head, (10, 0x1234))
+    env = head + check_record(10, 0x1234, head, n)
+    assert split_check(env, required=True, n=n) == (head, (10, 0x1234))
     i = cut % len(env)
     torn = env[:i] if short else env[:i] + (stale + b"\0" * len(env))[:len(env) - i]
-    if torn == env:
+    try:
+        told = split_check(torn, required=True, n=n)
+    except TornEntry:
         return
-    with pytest.raises(TornEntry):
-        split_check(torn, required=True)
+    assert told == (head, (10, 0x1234))
+
+
+def test_split_check_tells_another_messages_envelope():
+    """A reused intd file whose new envelope a crash lost still holds the envelope of
+    the message it served before: its number tells it, even beside the same message."""
+    from smarthost.queue import TornEntry, check_record, split_check
+
+    head = b"u0\0p1\0Fa@b\0Tc@d\0"
+    env = head + check_record(10, 0x1234, head, 5)
+    assert split_check(env, required=True, n=5) == (head, (10, 0x1234))
+    assert split_check(env, required=True) == (head, (10, 0x1234))
+    with pytest.raises(TornEntry, match="another message"):
+        split_check(env, required=True, n=6)
+    older = head + b"c10 00001234 %08x\0" % zlib.crc32(head)  # before records had the number
+    assert split_check(older, required=True, n=6) == (head, (10, 0x1234))
 
 
 @given(st.binary(max_size=300), st.booleans())
