@@ -15,9 +15,11 @@ State table (what exists for N)                         meaning, and what start-
       (+ bounce/N)                                       then removed in the order bounce,
                                                          channels, info, mess
 
-Injection order (each step one create, link or unlink):
-  create pid/P (O_EXCL) -> N = its inode; link pid/P -> mess/S/N; unlink pid/P;
-  write Received line + message; create intd/N (or find it made ahead, see
+Injection order (each step one create, link, rename or unlink):
+  create pid/P (O_EXCL) -> N = its inode; link pid/P -> mess/S/N; unlink pid/P
+  (or lock a spare spare/mK and rename it mess/S/N, N = K = its inode);
+  write Received line + message (a spare is cut to its length); create intd/N, or
+  rename a spare spare/iK to intd/N, K != N (or find it made ahead, see
   Draft.prepare); write the envelope, ending in its check record; link intd/N ->
   todo/N (the commit point); then, side by side, fsync mess, fsync intd (and, where
   a file's fsync does not commit its links, fsync mess/S/ and todo/); only once all
@@ -37,6 +39,14 @@ and skipped where a file's fsync already commits its links (FSYNC_COVERS_LINKS).
 commit_group() takes several staged drafts through each step together (their
 fsyncs side by side: one AIO submission, see run_syncs, or the caller's threads).
 A crash before the todo link leaves S2, which nothing else reads.
+
+Spare files: a finished message's intd and mess files are renamed into spare/
+(up to SPARES of each; sendqueue's finish), and new messages rewrite them in
+place rather than make files: no inode or block is allocated and freed for
+them, so no discard goes to the disk and, where ext4 runs without a journal,
+no allocation steps past recently freed inodes. Whatever a crash leaves of a
+spare is only a spare. A reused file's stale contents after a crash in the
+commit window are another message's: the check record's N and CRC-32s tell them.
 """
 
 from __future__ import annotations
@@ -71,6 +81,10 @@ SIDE_THREADS = 3
 #: the mode bit of an intd/N file whose envelope ends in a check record: the inode
 #: says so even when a crash left its data block stale (qmail's files have it clear)
 CHECKED = 0o100
+#: files of each kind spare/ keeps for reuse (Queue.take_spare)
+SPARES = 64
+#: a finished message's mess file bigger than this is removed, not kept as a spare
+SPARE_SIZE_MAX = 65536
 
 
 class TornEntry(ValueError):
@@ -233,6 +247,7 @@ class Queue:
         self._dirsyncs: dict[str, DirSync] = {}
         self._lock = _thread.allocate_lock()
         self._seq = 0
+        self._spare_names: dict[str, list[str]] = {"m": [], "i": []}  # spare/ as last listed
 
     # -- layout ------------------------------------------------------------
     def sub(self, *parts: str) -> str:
@@ -271,7 +286,7 @@ class Queue:
         """Make the layout (idempotent): qmail's directories, split dirs, trigger fifo, locks."""
         os.makedirs(self.path, mode=0o750, exist_ok=True)
         spread_subdirs(self.path)  # pid/, intd/, info/...: each its own block group (fsspread)
-        for d in ("pid", "intd", "todo", "bounce", "lock"):
+        for d in ("pid", "intd", "todo", "bounce", "lock", "spare"):
             os.makedirs(self.sub(d), mode=0o700, exist_ok=True)
         for d in ("mess", "info", "local", "remote"):
             for s in range(self.split):
@@ -321,6 +336,82 @@ class Queue:
         """Start an injection whose envelope is known only after the message (qmail-queue's order)."""
         return Draft(self)
 
+    # -- spare files ------------------------------------------------------------
+    def spare_path(self, kind: str, n: int) -> str:
+        """spare/mN or spare/iN: the mess or intd file message N had, kept for reuse."""
+        return f"{self._base}spare/{kind}{n}"
+
+    def spare_room(self) -> dict[str, int]:
+        """How many more files of each kind spare/ takes; none where there is no spare/."""
+        try:
+            names = os.listdir(self.sub("spare"))
+        except OSError:
+            return {"m": 0, "i": 0}
+        return {kind: SPARES - sum(1 for name in names if name[:1] == kind) for kind in ("m", "i")}
+
+    def _spares(self, kind: str) -> Iterator[str]:
+        """Names in spare/ of `kind` this process has not tried yet; spare/ is listed
+        again (once a call) when none is left. Another injector may take any of them first."""
+        listed = False
+        while True:
+            with self._lock:
+                names = self._spare_names[kind]
+                if not names and not listed:
+                    listed = True
+                    try:
+                        names.extend(x for x in os.listdir(self.sub("spare")) if x[:1] == kind)
+                    except OSError:
+                        pass
+                if not names:
+                    return
+                name = names.pop()
+            yield name
+
+    def _reuse_mess(self) -> tuple[int, str, int] | None:
+        """A spare mess file renamed mess/S/N, as _new_mess returns it; None if none is left."""
+        for name in self._spares("m"):
+            path = self.sub("spare", name)
+            try:
+                fd = os.open(path, os.O_WRONLY)
+            except PermissionError:
+                _unlink_quietly(path)  # not ours to reuse (another user's): out of the way
+                continue
+            except OSError:
+                continue  # another injector took it
+            try:
+                # Locked before it gets its name in mess/, as a new one (cleanup() skips
+                # what is locked); a file taken meanwhile is locked, or gone from spare/.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                n = os.fstat(fd).st_ino
+                os.rename(path, self.mess(n))
+            except OSError:
+                os.close(fd)
+                continue
+            return n, self.mess(n), fd
+        return None
+
+    def _reuse_intd(self, n: int) -> int:
+        """A spare intd file renamed intd/N, open for writing; -1 if none is left. Never the
+        one message N had before: its stale envelope would name N (see check_record)."""
+        path = self.intd(n)
+        mine = f"i{n}"
+        for name in self._spares("i"):
+            if name == mine:
+                continue
+            try:
+                os.rename(self.sub("spare", name), path)
+                fd = os.open(path, os.O_WRONLY)
+            except OSError:
+                continue
+            try:
+                os.fchmod(fd, 0o600 | CHECKED)  # whatever made it, its next envelope has a check record
+            except OSError:
+                os.close(fd)
+                continue
+            return fd
+        return -1
+
+    # -- injection: new files --------------------------------------------------
     def _new_mess(self) -> tuple[int, str, int]:
         """Create mess/S/N; return N, its path and a descriptor holding an exclusive flock."""
         with self._lock:
@@ -354,9 +445,10 @@ class Queue:
 
     @staticmethod
     def _write_intd(fd: int, n: int, uid: int | None, qp: int, sender: bytes, rcpts: list[bytes],
-                    check: tuple[int, int]) -> None:
+                    check: tuple[int, int], reused: bool = False) -> None:
         """Write the envelope into intd/N's descriptor `fd`, its check record last for a
-        message of `check` = (length, CRC-32) (not synced; the caller keeps `fd`)."""
+        message of `check` = (length, CRC-32) (not synced; the caller keeps `fd`); a
+        `reused` file is cut to the envelope's length."""
         data = bytearray(b"u%d\0p%d\0F" % (os.getuid() if uid is None else uid, qp))
         data += sender + b"\0"
         for r in rcpts:
@@ -364,10 +456,16 @@ class Queue:
         data += check_record(*check, data, n)
         try:
             write_all(fd, bytes(data))
+            if reused:
+                os.ftruncate(fd, len(data))
         except OSError as e:
             raise QueueError(f"unable to write intd/{n}: {e.strerror}", exit_code=QQ.WRITE) from None
 
-    def _create_intd(self, n: int) -> int:
+    def _create_intd(self, n: int) -> tuple[int, bool]:
+        """intd/N open for writing, and whether it is a reused file (see _reuse_intd)."""
+        fd = self._reuse_intd(n)
+        if fd >= 0:
+            return fd, True
         path = self.intd(n)
         for attempt in (1, 2):
             try:
@@ -381,7 +479,7 @@ class Queue:
                 os.unlink(path)
             except OSError as e:
                 raise QueueError(f"unable to create intd/{n}: {e.strerror}", exit_code=QQ.INTD) from None
-        return fd
+        return fd, False
 
     def poke(self, ids: Iterable[int] = ()) -> None:
         """Wake the scheduler through lock/trigger, ignoring every error.
@@ -477,6 +575,13 @@ class Queue:
         return removed
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _start_writeback(fd: int) -> None:
     """Start writing `fd`'s dirty pages to the disk without waiting for them: on Linux
     POSIX_FADV_DONTNEED does that (and drops only pages already clean); elsewhere
@@ -496,11 +601,14 @@ class Draft:
 
     def __init__(self, queue: Queue):
         self.queue = queue
-        self.id, self.path, self._fd = queue._new_mess()
+        reused = queue._reuse_mess()
+        self.id, self.path, self._fd = reused or queue._new_mess()
+        self._reused = reused is not None  # a spare's old contents are cut off at stage()
         self.qp = os.getpid()
         self.injected: Injected | None = None  # once committed
         self._done = False
         self._intd_fd = -1
+        self._intd_reused = False
         self._size = 0  # what write() has written, for the check record
         self._crc = 0
 
@@ -509,7 +617,7 @@ class Draft:
         message (see QmqpListener's spare) then creates no file once the message is in.
         Like any draft it stays invisible to the scheduler until commit()."""
         if self._intd_fd < 0:
-            self._intd_fd = self.queue._create_intd(self.id)
+            self._intd_fd, self._intd_reused = self.queue._create_intd(self.id)
         return self
 
     def write(self, data: bytes) -> None:
@@ -557,9 +665,14 @@ class Draft:
         the same. Until the commit, trouble leaves intd/N and its descriptor to
         close(), which removes the entry."""
         self.qp = self.qp if qp is None else qp
+        if self._reused:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError as e:
+                raise QueueError(f"unable to write {self.path}: {e.strerror}", exit_code=QQ.WRITE) from None
         self.prepare()
         self.queue._write_intd(self._intd_fd, self.id, uid, self.qp, sender, rcpts,
-                               (self._size, self._crc))
+                               (self._size, self._crc), self._intd_reused)
         _start_writeback(self._intd_fd)
 
     def sync(self) -> Injected:

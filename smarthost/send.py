@@ -114,6 +114,7 @@ class Scheduler:
         self.backlog: deque[int] = deque()    # todo/N a scan found, not preprocessed yet
         self.backlog_ids: set[int] = set()
         self.listed: set[int] = set()         # in the backlog by a listing only (preprocess's `listed`)
+        self.reborn: set[int] = set()         # poked while the number's old message was being removed
         self.fresh: dict[int, Message] = {}   # preprocessed, todo/N their record, a delivery not started
         self.queued: dict[int, int] = {}      # message id -> its deliveries waiting in self.ready
         self.to_remove: list[tuple[Message, asyncio.Future]] = []
@@ -191,6 +192,10 @@ class Scheduler:
         """Note the todo/N not seen yet; fill() preprocesses them as delivery slots come near.
         `listed`: found by listing todo/ rather than named by a poke (see SendQueue.preprocess)."""
         new = [n for n in dict.fromkeys(ids) if n not in self.messages and n not in self.backlog_ids]
+        if not listed:
+            # A number is free once its old message's mess file is gone (reused or
+            # removed), which may be before finish() forgets that message.
+            self.reborn.update(n for n in ids if n in self.messages and self.messages[n].finishing)
         if listed:
             self.listed.update(new)
         else:
@@ -254,8 +259,8 @@ class Scheduler:
                 while self.not_durable and self.not_durable[0][0] <= cut:
                     batch.append(self.not_durable.popleft()[1])
                 # Still waiting for a slot, or partly done: todo/N alone would not say where it stands.
-                await self.persist([m for m in batch
-                                    if m.id in self.messages and (m.id in self.fresh or m.progress)])
+                await self.persist([m for m in batch if self.messages.get(m.id) is m
+                                    and (m.id in self.fresh or m.progress)])
         finally:
             self.watching = False
 
@@ -423,7 +428,11 @@ class Scheduler:
         self.messages.pop(msg.id, None)
         self.fresh.pop(msg.id, None)
         self.log(f"end msg {msg.id}")
-        if os.path.exists(self.queue.todo(msg.id)):
+        if msg.id in self.reborn:
+            self.reborn.discard(msg.id)
+            self.note_todo([msg.id])  # its injector's poke came early
+            self.poke()
+        elif os.path.exists(self.queue.todo(msg.id)):
             # The number was free for a moment and a new message took it; a scan
             # that ran meanwhile skipped it as ours.
             self.scan_wanted = True
@@ -450,7 +459,7 @@ class Scheduler:
                 await asyncio.sleep(REMOVAL_GATHER)
                 batch, self.to_remove = self.to_remove, []
                 try:
-                    errors = await asyncio.to_thread(_each, self.sq.finish, [m for m, _ in batch])
+                    errors = await asyncio.to_thread(self.sq.finish_all, [m for m, _ in batch])
                 except BaseException:
                     for _, fut in batch:
                         fut.cancel()

@@ -18,9 +18,12 @@ others are not, or a clean shutdown after some were done. Mail delivered at
 once therefore costs no files beyond mess and todo. A crash while
 todo/N exists means preprocessing again: duplicates are possible, losses are not.
 
-Removal order is fixed (bounce, channel files, info, then intd and mess): once
-mess/S/N is gone, N may name a new message, and nothing of the old one may be
-left for it to inherit. Without info/N there are never channel or bounce files.
+Removal order is fixed (todo and intd, then bounce, channel files, info, then
+mess): once mess/S/N is gone, N may name a new message, and nothing of the old
+one may be left for it to inherit. Without info/N there are never channel or
+bounce files. intd and mess go to spare/ rather than away while it has room
+(smarthost.queue); the mess file so keeps its inode, and a new message that
+takes it gets N back at once.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from miniqmail.fdio import write_all
-from smarthost.queue import CHECKED, Queue, TornEntry, message_check, split_check
+from smarthost.queue import CHECKED, SPARE_SIZE_MAX, Queue, TornEntry, message_check, split_check
 from smarthost.rewrite import Routing
 
 CHANNELS = ("local", "remote")
@@ -122,6 +125,18 @@ def _unlink(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def _retire(path: str, spare: str, room: dict[str, int], kind: str) -> None:
+    """Move a finished message's file to spare/ while there is room, else remove it."""
+    if room.get(kind, 0) > 0:
+        try:
+            os.rename(path, spare)
+        except FileNotFoundError:
+            return
+        room[kind] -= 1
+    else:
+        _unlink(path)
 
 
 def bounce_record(addr: str, report: str) -> bytes:
@@ -367,12 +382,32 @@ class SendQueue:
         data += b"".join(msg.bounces)
         return data or None
 
-    def finish(self, msg: Message) -> None:
-        """The message is done: remove its files in the fixed order (see the module doc)."""
+    def finish(self, msg: Message, room: dict[str, int] | None = None) -> None:
+        """The message is done: remove its files in the fixed order (see the module doc).
+        Its intd and mess files go to spare/ for new messages to reuse while `room`
+        (Queue.spare_room, counted down here) lasts: a file rewritten in place costs
+        the filesystem no inode or block to allocate and free, and the disk no discard."""
         q, n = self.q, msg.id
-        paths = [q.todo(n), q.intd(n)] if msg.todo else []
+        room = room or {}
+        if msg.todo:
+            _unlink(q.todo(n))
+            _retire(q.intd(n), q.spare_path("i", n), room, "i")
         if msg.persisted:
-            paths += [q.bounce(n), q.channel("local", n), q.channel("remote", n), q.info(n)]
-        paths.append(q.mess(n))
-        for p in paths:
-            _unlink(p)
+            for p in (q.bounce(n), q.channel("local", n), q.channel("remote", n), q.info(n)):
+                _unlink(p)
+        if msg.size <= SPARE_SIZE_MAX:
+            _retire(q.mess(n), q.spare_path("m", n), room, "m")
+        else:
+            _unlink(q.mess(n))
+
+    def finish_all(self, msgs: list[Message]) -> list[OSError | None]:
+        """finish() each of `msgs` (a worker thread's turn): what each raised, or None."""
+        room = self.q.spare_room()
+        out: list[OSError | None] = []
+        for msg in msgs:
+            try:
+                self.finish(msg, room)
+                out.append(None)
+            except OSError as e:
+                out.append(e)
+        return out

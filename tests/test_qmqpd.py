@@ -859,6 +859,38 @@ def test_daemon_delivers_a_qmqp_message_to_a_maildir(root, monkeypatch, loop):
         socket.create_connection(("127.0.0.1", port), 2).close()
 
 
+def test_daemon_reuses_queue_files_and_delivers_every_message_once(root):
+    """Messages in a stream through the whole server: finished messages' files are
+    reused (numbers come back), and every message lands once, with its own contents."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, [port] = start_daemon(root, "127.0.0.1:0")
+    count = 240
+    try:
+        d.wait_log("status: local 0/")
+
+        def send(i):
+            return client("127.0.0.1", port, req(b"Subject: %d\n\nbody %d\n" % (i, i) + b"x" * (i * 37)))
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(send, range(count)))
+        assert all(a.startswith(b"Kok ") for a in answers)
+        new = root.sub("home", "example", "Maildir", "new")
+        paths = wait_files(new, count, timeout=60)
+        time.sleep(0.3)
+        assert len(os.listdir(new)) == count  # none twice
+        seen = sorted(re.search(rb"\nSubject: (\d+)\n\nbody \1\n(x*)$", open(p, "rb").read()).groups()
+                      for p in paths)
+        assert sorted((b"%d" % i, b"x" * (i * 37)) for i in range(count)) == seen
+        d.wait_log(lambda s: d.count("end msg") == count)
+    finally:
+        assert d.stop() == 0
+    numbers = [line.split()[2] for line in d.lines if line.startswith("new msg ")]
+    assert len(numbers) == count and len(set(numbers)) < count  # numbers came back
+    q = Queue(root.queue_dir)
+    assert q.mess_ids() == [] and q.todo_ids() == [] and os.listdir(q.sub("intd")) == []
+    assert os.listdir(q.sub("spare"))
+
+
 def qmqp_processes(d) -> list[int]:
     """The daemon's QMQP processes: its children that run `smarthost run` too."""
     out = subprocess.run(["pgrep", "-P", str(d.proc.pid), "-f", "smarthost run"], capture_output=True, text=True)

@@ -135,7 +135,7 @@ def test_crash_before_commit_is_invisible_and_cleaned(q, step):
         if step == "mess":
             return
         n = d.id
-        fd = q._create_intd(n)
+        fd, _ = q._create_intd(n)
         q._write_intd(fd, n, 0, 1, b"a@b", [b"c@d"], (14, 0))
         os.close(fd)
         if step == "intd":
@@ -633,3 +633,146 @@ def test_loop_aio_fsyncs_settle_futures_from_the_event_loop(tmp_path):
     finally:
         for fd in (f, d, r, w):
             os.close(fd)
+
+
+def _finished(q, ns, size=0):
+    """Finish messages `ns` as the scheduler does: their files go to spare/ while it has room."""
+    from smarthost.sendqueue import Message, SendQueue
+
+    return SendQueue(q).finish_all([Message(n, 0.0, "a@b.example", size) for n in ns])
+
+
+def test_finished_files_are_kept_as_spares_and_rewritten_for_new_messages(root):
+    """A finished message's mess and intd files wait in spare/; a new message takes
+    them (its number is the mess file's inode, as ever) and cuts their old contents
+    off. An intd file never serves the number it served before (see check_record)."""
+    from smarthost.queue import CHECKED
+
+    q = Queue(root.queue_dir)
+    old = b"Subject: old\n\n" + b"x" * 5000
+    a, b = (q.inject(old, "a@b.example", ["c@d.example"], received=b"").id for _ in range(2))
+    intd_of = {os.stat(q.intd(n)).st_ino: n for n in (a, b)}
+    assert _finished(q, [a, b], len(old)) == [None, None]
+    assert sorted(os.listdir(q.sub("spare"))) == sorted([f"m{a}", f"m{b}", f"i{a}", f"i{b}"])
+    assert q.mess_ids() == [] and q.todo_ids() == [] and os.listdir(q.sub("intd")) == []
+
+    body = b"Subject: new\n\nshort\n"
+    done = q.inject(body, "e@f.example", ["g@h.example"], received=b"")
+    n = done.id
+    assert n in (a, b) and os.stat(q.mess(n)).st_ino == n
+    assert open(q.mess(n), "rb").read() == body
+    st_env = os.stat(q.todo(n))
+    assert intd_of[st_env.st_ino] == ({a, b} - {n}).pop()  # the other message's intd file
+    assert st_env.st_mode & 0o7777 == 0o600 | CHECKED
+    head = b"u%d\0p%d\0Fe@f.example\0Tg@h.example\0" % (os.getuid(), done.qp)
+    assert open(q.todo(n), "rb").read() == head + b"c%d %08x %08x %d\0" % (
+        len(body), zlib.crc32(body), zlib.crc32(head), n)
+    # The next one gets the other mess file and the intd file message n had.
+    m = q.inject(body, "e@f.example", ["g@h.example"], received=b"").id
+    assert {m, n} == {a, b} and intd_of[os.stat(q.todo(m)).st_ino] == n
+    assert os.listdir(q.sub("spare")) == []
+    # with none left, files are made new
+    k = q.inject(body, "e@f.example", ["g@h.example"], received=b"").id
+    assert k not in (a, b) and os.stat(q.todo(k)).st_ino not in intd_of
+
+
+@pytest.mark.parametrize("stale", ["envelope", "message"])
+def test_a_reused_file_whose_new_contents_a_crash_lost_is_found_by_a_listing(root, stale):
+    """A crash after the todo link, before the fsyncs: the disk may still hold what a
+    reused file held for the message before. The check record tells it: an envelope
+    names its own message, and the message's length and CRC-32 are the new one's."""
+    from smarthost.rewrite import Routing
+    from smarthost.sendqueue import IncompleteTodo, SendQueue
+
+    q = Queue(root.queue_dir)
+    same = b"Subject: the same\n\nevery time\n"  # even the same message is not taken for another
+    a, b = (q.inject(same if stale == "envelope" else b"Subject: %d\n\nx\n" % i, "a@b.example",
+                     [f"r{i}@d.example"], received=b"").id for i in range(2))
+    before = {n: open(q.mess(n), "rb").read() for n in (a, b)}
+    envelope_in = {os.stat(q.intd(n)).st_ino: open(q.intd(n), "rb").read() for n in (a, b)}
+    _finished(q, [a, b])
+    n = q.inject(same if stale == "envelope" else b"Subject: new\n\nx\n", "a@b.example",
+                 ["new@d.example"], received=b"").id
+    if stale == "envelope":  # what the reused intd file held before
+        with open(q.todo(n), "r+b") as f:
+            f.write(envelope_in[os.fstat(f.fileno()).st_ino])
+            f.truncate()
+    else:                    # the mess file is n's own, as message n had it before
+        with open(q.mess(n), "r+b") as f:
+            f.write(before[n])
+            f.truncate()
+    sq = SendQueue(q)
+    with pytest.raises(IncompleteTodo):
+        sq.preprocess(n, Routing.from_control(root.control), listed=True)
+
+
+def test_a_number_never_gets_back_its_own_intd_file(root):
+    """Its stale envelope, after a crash, would name the right message (see check_record)."""
+    q = Queue(root.queue_dir)
+    a = q.inject(b"Subject: a\n\nx\n", "a@b.example", ["c@d.example"]).id
+    _finished(q, [a])
+    assert q.inject(b"Subject: b\n\nx\n", "a@b.example", ["c@d.example"]).id == a
+    assert os.listdir(q.sub("spare")) == [f"i{a}"]
+
+
+def test_spare_files_are_capped_and_a_big_message_is_not_kept(root, monkeypatch):
+    from smarthost import queue as queue_mod
+
+    monkeypatch.setattr(queue_mod, "SPARES", 2)
+    q = Queue(root.queue_dir)
+    ns = [q.inject(b"Subject: %d\n\nx\n" % i, "a@b.example", ["c@d.example"]).id for i in range(3)]
+    big = q.inject(b"x" * (queue_mod.SPARE_SIZE_MAX + 1), "a@b.example", ["c@d.example"]).id
+    assert _finished(q, [big], queue_mod.SPARE_SIZE_MAX + 1) == [None]
+    assert os.listdir(q.sub("spare")) == [f"i{big}"]  # its envelope is kept, its message is not
+    assert _finished(q, ns) == [None, None, None]
+    spares = os.listdir(q.sub("spare"))
+    assert sorted(x[0] for x in spares) == ["i", "i", "m", "m"]
+    assert q.mess_ids() == [] and q.todo_ids() == [] and os.listdir(q.sub("intd")) == []
+
+
+def test_without_spare_directory_files_are_removed_and_made_new(root):
+    """A queue made before spare/ existed: nothing kept, nothing taken."""
+    q = Queue(root.queue_dir)
+    os.rmdir(q.sub("spare"))
+    n = q.inject(b"Subject: a\n\nx\n", "a@b.example", ["c@d.example"]).id
+    assert _finished(q, [n]) == [None]
+    assert q.mess_ids() == [] and os.listdir(q.sub("intd")) == [] and not os.path.exists(q.sub("spare"))
+    m = q.inject(b"Subject: b\n\nx\n", "a@b.example", ["c@d.example"]).id
+    assert q.todo_ids() == [m]
+
+
+def test_a_spare_another_user_owns_is_put_out_of_the_way():
+    """An injector that may not write a spare mess file removes it and makes its own."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to make a file another user owns")
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="spare-owner-")  # under /tmp, which anyone may enter
+    try:
+        os.chmod(top, 0o755)
+        q = Queue(os.path.join(top, "queue"))
+        q.create()
+        n = q.inject(b"Subject: a\n\nx\n", "a@b.example", ["c@d.example"]).id
+        _finished(q, [n])
+        for where, dirs, files in os.walk(q.path):  # the queue is the injector's, the spare is not
+            for name in dirs + files:
+                os.chown(os.path.join(where, name), 65534, 65534)
+        os.chown(q.path, 65534, 65534)
+        os.chown(q.spare_path("m", n), 0, 0)
+        os.chmod(q.spare_path("m", n), 0o600)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                m = q.inject(b"Subject: b\n\nx\n", "a@b.example", ["c@d.example"], uid=65534).id
+                made = os.stat(q.mess(m)).st_uid == 65534  # its own file (the number may be the same)
+                os._exit(0 if made and not os.path.exists(q.spare_path("m", n)) else 1)
+            except BaseException as e:
+                os.write(2, repr(e).encode())
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(top)

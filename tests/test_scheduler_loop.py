@@ -12,6 +12,7 @@ from smarthost import evloop
 from smarthost.logfmt import Log
 from smarthost.queue import Queue
 from smarthost.send import Scheduler
+from smarthost.sendqueue import SendQueue
 from tests.conftest import run_scheduler_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -163,10 +164,10 @@ def test_removing_a_finished_message_never_holds_up_the_loop(root):
         sched = Scheduler(root, Log(out), remote=remote)
         real = sched.sq.finish
 
-        def finish(msg):
+        def finish(msg, room=None):
             if msg.id == slow:
                 time.sleep(1.5)  # a slow unlink, as the journal can make it
-            real(msg)
+            real(msg, room)
 
         sched.sq.finish = finish
         task = asyncio.create_task(sched.run())
@@ -183,20 +184,17 @@ def test_removing_a_finished_message_never_holds_up_the_loop(root):
 def test_messages_finished_close_together_are_removed_in_one_thread_turn(root, monkeypatch):
     """Removals wait REMOVAL_GATHER for company: ten messages finishing a few milliseconds
     apart cost a turn or two of a worker thread, not one each, and all are removed."""
-    from smarthost import send
-
     out = io.StringIO()
     q = Queue(root.queue_dir)
     ids = [q.inject(b"Subject: gathered\n\nx\n", "a@here.example", [f"r@d{i}.example"]).id
            for i in range(10)]
     turns: list[list[int]] = []
-    real_each = send._each
+    real_finish_all = SendQueue.finish_all
 
-    def each(fn, items):
-        if getattr(fn, "__name__", "") == "finish":
-            turns.append([m.id for m in items])
-        return real_each(fn, items)
-    monkeypatch.setattr(send, "_each", each)
+    def finish_all(self, msgs):
+        turns.append([m.id for m in msgs])
+        return real_finish_all(self, msgs)
+    monkeypatch.setattr(SendQueue, "finish_all", finish_all)
     started = asyncio.Event()
 
     async def remote(msg, recipients, messpath):
@@ -325,3 +323,31 @@ def test_a_local_delivery_waiting_for_new_to_be_synced_holds_no_slot_and_stop_wa
     assert log.index("delivery 2: success") < log.index("status: exiting")
     assert q.todo_ids() == [] and all(not os.path.exists(q.todo(n)) for n in ids)
     assert 1 <= len(fsync.calls) <= 2
+
+
+def test_a_number_poked_while_its_old_message_is_removed_is_taken_without_a_listing(root, monkeypatch):
+    """A finished message's mess file goes to spare/, and a new message may take it,
+    so its number, and poke it before the scheduler has forgotten the old message:
+    the poke is kept until it has, and the new message needs no listing of todo/."""
+    real_finish_all = SendQueue.finish_all
+    again: list[int] = []
+
+    def finish_all(self, msgs):
+        errors = real_finish_all(self, msgs)
+        if not again:  # still in the removal's turn: the old message is known yet
+            again.append(Queue(root.queue_dir).inject(b"Subject: again\n\nx\n", "", ["b@far.example"]).id)
+        return errors
+    monkeypatch.setattr(SendQueue, "finish_all", finish_all)
+
+    async def scenario(q, sent):
+        listings = []
+        real_todo_ids = q.todo_ids
+        monkeypatch.setattr(Queue, "todo_ids", lambda self: listings.append(1) or real_todo_ids())
+        first = q.inject(b"Subject: first\n\nx\n", "", ["a@far.example"]).id
+        await until(lambda: len(sent) == 2, 5)
+        return first, listings
+
+    (first, listings), sent = with_scheduler(root, scenario)
+    assert again == [first] and sent == [first, first]  # the same number, twice
+    assert listings == []
+    assert Queue(root.queue_dir).mess_ids() == []
