@@ -81,7 +81,7 @@ SIDE_THREADS = 3
 #: the mode bit of an intd/N file whose envelope ends in a check record: the inode
 #: says so even when a crash left its data block stale (qmail's files have it clear)
 CHECKED = 0o100
-#: files of each kind spare/ keeps for reuse (Queue.take_spare)
+#: files of each kind spare/ keeps for new messages to reuse (see the module doc)
 SPARES = 64
 #: a finished message's mess file bigger than this is removed, not kept as a spare
 SPARE_SIZE_MAX = 65536
