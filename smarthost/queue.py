@@ -44,8 +44,9 @@ Spare files: a finished message's intd and mess files are renamed into spare/
 (up to SPARES of each; sendqueue's finish), and new messages rewrite them in
 place rather than make files: no inode or block is allocated and freed for
 them, so no discard goes to the disk and, where ext4 runs without a journal,
-no allocation steps past recently freed inodes. Whatever a crash leaves of a
-spare is only a spare. A reused file's stale contents after a crash in the
+no allocation steps past recently freed inodes. A mess file still open elsewhere
+(a program a delivery ran may keep it as its standard input) is removed, not kept.
+Whatever a crash leaves of a spare is only a spare. A reused file's stale contents after a crash in the
 commit window are another message's: the check record's N and CRC-32s tell them.
 """
 

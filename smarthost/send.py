@@ -59,6 +59,10 @@ async def remote_unavailable(msg: Message, recipients: list[str], messpath: str)
     return [("Z", text)] * len(recipients)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _each(fn: Callable, items: list) -> list[OSError | None]:
     """In a worker thread: fn(item) for each item in turn; for each, the OSError it raised or None."""
     out: list[OSError | None] = []
@@ -539,7 +543,8 @@ class Scheduler:
             capacity = 0  # unknown: every poke means "scan", as in qmail
         loop.add_reader(trigger_fd, self.on_trigger, trigger_fd, capacity)
         for sig, fn in ((signal.SIGALRM, self.on_alarm), (signal.SIGHUP, self.on_hup),
-                        (signal.SIGTERM, self.on_term), (signal.SIGINT, self.on_term)):
+                        (signal.SIGTERM, self.on_term), (signal.SIGINT, self.on_term),
+                        (signal.SIGIO, _nothing)):  # a lease broken (sendqueue._alone) must not kill us
             loop.add_signal_handler(sig, fn)
         self.load_existing()
         self.status()

@@ -127,6 +127,28 @@ def _unlink(path: str) -> bool:
         return False
 
 
+def _alone(path: str) -> bool:
+    """Whether nothing else has `path` open: a program a delivery ran gets the message
+    file itself as its standard input (as from qmail-local), and whatever it left
+    running must go on reading that message, not a new one. The kernel grants a
+    write lease only to the sole opener (fcntl(2), F_SETLEASE); it is given back at
+    once. Where leases are off, no file counts as alone. Someone opening the file
+    meanwhile waits for the give-back, and its lease-break SIGIO is the scheduler's
+    to ignore (Scheduler.run)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _retire(path: str, spare: str, room: dict[str, int], kind: str) -> None:
     """Move a finished message's file to spare/ while there is room, else remove it."""
     if room.get(kind, 0) > 0:
@@ -395,7 +417,7 @@ class SendQueue:
         if msg.persisted:
             for p in (q.bounce(n), q.channel("local", n), q.channel("remote", n), q.info(n)):
                 _unlink(p)
-        if msg.size <= SPARE_SIZE_MAX:
+        if msg.size <= SPARE_SIZE_MAX and room.get("m", 0) > 0 and _alone(q.mess(n)):
             _retire(q.mess(n), q.spare_path("m", n), room, "m")
         else:
             _unlink(q.mess(n))

@@ -715,6 +715,22 @@ def test_a_number_never_gets_back_its_own_intd_file(root):
     assert os.listdir(q.sub("spare")) == [f"i{a}"]
 
 
+def test_a_spare_mess_file_still_open_elsewhere_is_not_reused(root):
+    """qmail hands a program its message as the queue file itself, on standard input;
+    whatever still holds it open must go on reading that message, not a new one."""
+    q = Queue(root.queue_dir)
+    n = q.inject(b"Subject: old\n\nstill read\n", "a@b.example", ["c@d.example"], received=b"").id
+    held = os.open(q.mess(n), os.O_RDONLY)
+    try:
+        _finished(q, [n])
+        assert os.listdir(q.sub("spare")) == [f"i{n}"] and q.mess_ids() == []  # removed, not kept
+        m = q.inject(b"Subject: new\n\nx\n", "a@b.example", ["c@d.example"], received=b"").id
+        assert m != n
+        assert os.pread(held, 100, 0) == b"Subject: old\n\nstill read\n"
+    finally:
+        os.close(held)
+
+
 def test_spare_files_are_capped_and_a_big_message_is_not_kept(root, monkeypatch):
     from smarthost import queue as queue_mod
 
