@@ -342,6 +342,13 @@ class Queue:
         """spare/mN or spare/iN: the mess or intd file message N had, kept for reuse."""
         return f"{self._base}spare/{kind}{n}"
 
+    def make_spare_dir(self) -> None:
+        """spare/ for a queue made before it existed (the scheduler's start); quietly not."""
+        try:
+            os.mkdir(self.sub("spare"), 0o700)
+        except OSError:
+            pass
+
     def spare_room(self) -> dict[str, int]:
         """How many more files of each kind spare/ takes; none where there is no spare/."""
         try:

@@ -155,6 +155,7 @@ class Scheduler:
     # -- start-up --------------------------------------------------------------
     def load_existing(self) -> None:
         """Start: every preprocessed message comes back, due at its channel files' mtimes."""
+        self.queue.make_spare_dir()
         self.queue.cleanup()
         todo = set(self.queue.todo_ids())
         for n in self.queue.info_ids():

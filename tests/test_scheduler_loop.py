@@ -351,3 +351,11 @@ def test_a_number_poked_while_its_old_message_is_removed_is_taken_without_a_list
     assert again == [first] and sent == [first, first]  # the same number, twice
     assert listings == []
     assert Queue(root.queue_dir).mess_ids() == []
+
+
+def test_the_scheduler_gives_a_queue_made_before_spare_files_its_spare_directory(root):
+    q = Queue(root.queue_dir)
+    os.rmdir(q.sub("spare"))
+    n = q.inject(b"Subject: old queue\n\nx\n", "", ["a@far.example"], trigger=False).id
+    _, sent = with_scheduler(root, lambda q, sent: until(lambda: sent, 5))
+    assert sent == [n] and os.path.isdir(q.sub("spare"))
