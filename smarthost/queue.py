@@ -46,8 +46,9 @@ place rather than make files: no inode or block is allocated and freed for
 them, so no discard goes to the disk and, where ext4 runs without a journal,
 no allocation steps past recently freed inodes. A mess file still open elsewhere
 (a program a delivery ran may keep it as its standard input) is removed, not kept.
-Whatever a crash leaves of a spare is only a spare. A reused file's stale contents after a crash in the
-commit window are another message's: the check record's N and CRC-32s tell them.
+Whatever a crash leaves of a spare is only a spare. A reused file's stale contents
+after a crash in the commit window are another message's: the check record's N
+and CRC-32s tell them.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class TornEntry(ValueError):
 def check_record(size: int, crc: int, head: bytes, n: int) -> bytes:
     """The envelope's last record: the message's length and CRC-32, the CRC-32 of the
     records before it (`head`), and the message's number N (a reused intd file's
-    stale envelope names another message: see Queue.take_spare)."""
+    stale envelope names another message: see Queue._reuse_intd)."""
     return b"c%d %08x %08x %d\0" % (size, crc, zlib.crc32(head), n)
 
 
@@ -445,10 +446,7 @@ class Queue:
             os.close(fd)
             raise
         finally:
-            try:
-                os.unlink(pid_path)
-            except OSError:
-                pass
+            _unlink_quietly(pid_path)
         return n, mess_path, fd
 
     @staticmethod
@@ -715,10 +713,7 @@ class Draft:
         q, n = self.queue, self.id
         for (what, _, _), e in zip(calls, errors):
             if e is not None:
-                try:
-                    os.unlink(q.todo(n))
-                except OSError:
-                    pass
+                _unlink_quietly(q.todo(n))
                 raise QueueError(f"unable to sync {what}: {e.strerror}", exit_code=QQ.WRITE)
         self._done = True
         self.close()
@@ -734,10 +729,7 @@ class Draft:
             return
         if not self._done:
             for p in (self.queue.intd(self.id), self.path):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+                _unlink_quietly(p)
         os.close(self._fd)  # releases the lock that kept cleanup() away
         self._fd = -1
 
