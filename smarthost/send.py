@@ -29,7 +29,8 @@ from smarthost.queue import Queue, received_line, trigger_ids
 from smarthost.rewrite import Routing
 from smarthost.root import Root
 from smarthost.spawnclient import LocalSpawner
-from smarthost.sendqueue import IncompleteTodo, InjectionUnderWay, Message, Rcpt, SendQueue, TodoError
+from smarthost.sendqueue import (IncompleteTodo, InjectionUnderWay, Message, Rcpt, SendQueue, TodoError,
+                                 each_outcome)
 
 #: todo/ is rescanned at least this often even without a trigger (qmail: 1500 s).
 SCAN_INTERVAL = 1500
@@ -61,18 +62,6 @@ async def remote_unavailable(msg: Message, recipients: list[str], messpath: str)
 
 def _nothing() -> None:
     pass
-
-
-def _each(fn: Callable, items: list) -> list[OSError | None]:
-    """In a worker thread: fn(item) for each item in turn; for each, the OSError it raised or None."""
-    out: list[OSError | None] = []
-    for item in items:
-        try:
-            fn(item)
-            out.append(None)
-        except OSError as e:
-            out.append(e)
-    return out
 
 
 @dataclass(frozen=True)
@@ -197,14 +186,13 @@ class Scheduler:
         """Note the todo/N not seen yet; fill() preprocesses them as delivery slots come near.
         `listed`: found by listing todo/ rather than named by a poke (see SendQueue.preprocess)."""
         new = [n for n in dict.fromkeys(ids) if n not in self.messages and n not in self.backlog_ids]
-        if not listed:
-            # A number is free once its old message's mess file is gone (reused or
-            # removed), which may be before finish() forgets that message.
-            self.reborn.update(n for n in ids if n in self.messages and self.messages[n].finishing)
         if listed:
             self.listed.update(new)
         else:
             self.listed.difference_update(ids)  # its injector is done with it
+            # A number is free once its old message's mess file is gone (reused or
+            # removed), which may be before finish() forgets that message.
+            self.reborn.update(n for n in ids if n in self.messages and self.messages[n].finishing)
         self.backlog.extend(new)
         self.backlog_ids.update(new)
 
@@ -284,7 +272,7 @@ class Scheduler:
             snaps.append(self.sq.snapshot(m))
 
         try:
-            results = await asyncio.to_thread(_each, lambda pair: self.sq.write_snapshot(*pair),
+            results = await asyncio.to_thread(each_outcome, lambda pair: self.sq.write_snapshot(*pair),
                                               list(zip(batch, snaps)))
             for m, snap, err in zip(batch, snaps, results):
                 if err is None:

@@ -32,6 +32,7 @@ import fcntl
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from miniqmail.fdio import write_all
 from smarthost.queue import CHECKED, SPARE_SIZE_MAX, Queue, TornEntry, message_check, split_check
@@ -125,6 +126,18 @@ def _unlink(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def each_outcome(fn: Callable, items: list) -> list[OSError | None]:
+    """In a worker thread: fn(item) for each item in turn; for each, the OSError it raised or None."""
+    out: list[OSError | None] = []
+    for item in items:
+        try:
+            fn(item)
+            out.append(None)
+        except OSError as e:
+            out.append(e)
+    return out
 
 
 def _alone(path: str) -> bool:
@@ -425,11 +438,4 @@ class SendQueue:
     def finish_all(self, msgs: list[Message]) -> list[OSError | None]:
         """finish() each of `msgs` (a worker thread's turn): what each raised, or None."""
         room = self.q.spare_room()
-        out: list[OSError | None] = []
-        for msg in msgs:
-            try:
-                self.finish(msg, room)
-                out.append(None)
-            except OSError as e:
-                out.append(e)
-        return out
+        return each_outcome(lambda msg: self.finish(msg, room), msgs)
