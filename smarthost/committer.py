@@ -12,10 +12,9 @@ and starts while the last one waits for the disk. Within a group the fsyncs (two
 per message, see smarthost.queue) run side by side, in one Linux AIO submission
 (or, where the kernel refuses it or a directory needs its own fsync, in a small
 pool): the disk's cache flush, the costly part of each, then serves several at
-once. The loop
-hands the sessions that finished during one of its turns over together, at the
-end of the turn: a hand-over wakes a thread, which then wants the interpreter
-the loop holds. Each message keeps the order of writes and fsyncs that a lone
+once. The loop hands the sessions that finished during one of its turns over
+together, at the end of the turn: a hand-over wakes a thread, which then wants
+the interpreter the loop holds. Each message keeps the order of writes and fsyncs that a lone
 commit has, and each client is answered only once its own message is durable.
 """
 
@@ -85,6 +84,7 @@ class Committer:
         self._jobs: _queue.SimpleQueue[list[_Job] | None] = _queue.SimpleQueue()
         self._pending: list[_Job] = []  # finished during this turn of the loop
         self._fsyncs = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="qmqp-fsync")
+        self._side_by_side = functools.partial(side_by_side, pool=self._fsyncs)  # a group's fsyncs
         self._running = threads
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name="qmqp-commit", daemon=True)
@@ -129,7 +129,7 @@ class Committer:
             if jobs:
                 futures = [j[3] for j in jobs]
                 try:
-                    results: list[str | BaseException] | None = _finish_all(jobs, functools.partial(side_by_side, pool=self._fsyncs))
+                    results: list[str | BaseException] | None = _finish_all(jobs, self._side_by_side)
                     error = None
                 except BaseException as e:  # never lose the thread: every session hears
                     results, error = None, e
