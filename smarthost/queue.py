@@ -381,12 +381,12 @@ class Queue:
         for name in self._spares("m"):
             path = self.sub("spare", name)
             try:
-                fd = os.open(path, os.O_WRONLY)
-            except PermissionError:
-                _unlink_quietly(path)  # not ours to reuse (another user's): out of the way
-                continue
-            except OSError:
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
                 continue  # another injector took it
+            except OSError:
+                _unlink_quietly(path)  # not ours to reuse (another user's, a symlink): out of the way
+                continue
             try:
                 # Locked before it gets its name in mess/, as a new one (cleanup() skips
                 # what is locked); a file taken meanwhile is locked, or gone from spare/.
@@ -409,9 +409,9 @@ class Queue:
                 continue
             try:
                 os.rename(self.sub("spare", name), path)
-                fd = os.open(path, os.O_WRONLY)
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
             except OSError:
-                continue
+                continue  # taken by another injector; or no file to write into: replaced next
             try:
                 os.fchmod(fd, 0o600 | CHECKED)  # whatever made it, its next envelope has a check record
             except OSError:

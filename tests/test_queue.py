@@ -757,6 +757,21 @@ def test_without_spare_directory_files_are_removed_and_made_new(root):
     assert q.todo_ids() == [m]
 
 
+def test_a_symlink_in_spare_is_never_written_through(root, tmp_path):
+    """Whatever else lies in spare/ is not a queue file: an injector writes into no file
+    a symlink there names, and puts it out of the way."""
+    q = Queue(root.queue_dir)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not the queue's\n")
+    os.symlink(outside, q.spare_path("m", 1))
+    os.symlink(outside, q.spare_path("i", 2))
+    n = q.inject(b"Subject: a\n\nx\n", "a@b.example", ["c@d.example"], received=b"").id
+    assert outside.read_bytes() == b"not the queue's\n"
+    assert not os.path.islink(q.mess(n)) and not os.path.islink(q.todo(n))
+    assert open(q.mess(n), "rb").read() == b"Subject: a\n\nx\n"
+    assert os.listdir(q.sub("spare")) == []
+
+
 def test_a_spare_another_user_owns_is_put_out_of_the_way():
     """An injector that may not write a spare mess file removes it and makes its own."""
     if os.getuid() != 0:
